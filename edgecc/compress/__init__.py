@@ -1,0 +1,1 @@
+"""Post-training compression (quantization, sparsity, low rank). Not implemented yet: see the issue tracker."""

@@ -1,0 +1,1 @@
+"""ONNX in: loading and checking, the model signature, import into Relax, op coverage."""

@@ -1,0 +1,1 @@
+"""Artifacts on disk: layout, export, loading, running (native or emulated) and verification."""

@@ -1,0 +1,147 @@
+"""Load an artifact and run it from this Python process.
+
+An artifact for this machine runs in-process on TVM's Relax VM. One for another architecture (arm-neon,
+riscv64-rvv, ...) runs under qemu-user through `emulated.run_emulated`, so `edgecc run` and `edgecc verify`
+behave the same for every target. Inputs are checked against the manifest's signature first: a wrong name,
+shape or dtype is the user's mistake and gets a one-line error, never a VM crash.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+from edgecc.frontend.signature import Signature
+from edgecc.runtime_bridge import artifact as art
+from edgecc.runtime_bridge.params_file import read_params
+
+
+def default_num_threads() -> int:
+    """Threads for TVM's pool: $TVM_NUM_THREADS, else every core (TVM alone would use half of them here)."""
+    env = os.environ.get("TVM_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n: int) -> None:
+    import tvm_ffi
+
+    # mode 1 = "little"/any cores; the second argument is the thread count.
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def check_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Match user inputs to the built signature, in order; raise EdgeccError on any mismatch."""
+    expected = {t.name: t for t in signature.inputs}
+    unknown = [k for k in feeds if k not in expected]
+    if unknown:
+        raise EdgeccError(f"unknown input name(s) {', '.join(repr(u) for u in unknown)}",
+                          "the model's inputs are: " + ", ".join(expected))
+    ordered = []
+    for sig in signature.inputs:
+        if sig.name not in feeds:
+            raise EdgeccError(f"input '{sig.name}' is missing",
+                              f"give it as {sig.dtype} with shape {list(sig.shape)}")
+        value = np.asarray(feeds[sig.name])
+        if str(value.dtype) != sig.dtype:
+            raise EdgeccError(f"input '{sig.name}' has dtype {value.dtype}, the model takes {sig.dtype}",
+                              f"cast it, e.g. x.astype('{sig.dtype}')")
+        if tuple(value.shape) != tuple(sig.shape):
+            raise EdgeccError(f"input '{sig.name}' has shape {list(value.shape)}, this build takes {list(sig.shape)}",
+                              "reshape the input, or rebuild with matching --dim sizes")
+        ordered.append(np.ascontiguousarray(value))
+    return ordered
+
+
+def _flatten(result) -> list:
+    import tvm
+
+    if isinstance(result, tvm.runtime.Tensor):
+        return [result]
+    out = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+class LoadedArtifact:
+    """A built model, ready to run. `run(feeds)` -> {output name: array}."""
+
+    def __init__(self, artifact_dir: str | Path, num_threads: int | None = None):
+        self.dir = Path(artifact_dir)
+        self.manifest = art.read_manifest(self.dir)
+        art.verify_file_hashes(self.dir, self.manifest)
+        self.signature = Signature.from_json(self.manifest["signature"]["built"])
+        self.target_name = self.manifest["target"]["name"]
+        self.arch = self.manifest["target"]["arch"]
+        self.device = self.manifest["target"].get("device", "cpu")
+        self.emulated = self.device == "cpu" and self.arch != platform.machine()
+        self.num_threads = num_threads or default_num_threads()
+        self._vm = None
+        self._weights = None
+
+    def _load_native(self):
+        import tvm
+        from tvm import relax
+
+        if self.device == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise EdgeccError(f"artifact '{self.dir}' is for CUDA and this machine has no GPU",
+                                  "run it on a machine with an NVIDIA GPU")
+        else:
+            dev = tvm.cpu()
+            set_num_threads(self.num_threads)
+        lib = tvm.runtime.load_module(str(self.dir / art.LIBRARY))
+        self._vm = relax.VirtualMachine(lib, dev)
+        self._dev = dev
+        self._weights = [tvm.runtime.tensor(w, dev) for _, w in read_params(self.dir / art.PARAMS)]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = check_feeds(self.signature, feeds)
+        if self.emulated:
+            from edgecc.runtime_bridge.emulated import run_emulated
+            from edgecc.targets.registry import get_target
+
+            outs = run_emulated(self.dir, get_target(self.target_name), inputs, self.manifest.get("entry", "main"))
+        else:
+            outs = self._run_native(inputs)
+        names = [t.name for t in self.signature.outputs]
+        if len(outs) != len(names):
+            raise RuntimeError(f"model returned {len(outs)} outputs, signature has {len(names)}")
+        return dict(zip(names, outs))
+
+    def _run_native(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        if self._vm is None:
+            self._load_native()
+        args = [tvm.runtime.tensor(x, self._dev) for x in inputs]
+        result = self._vm[self.manifest.get("entry", "main")](*args, *self._weights)
+        return [t.numpy() for t in _flatten(result)]
+
+    def time_run(self, feeds: dict[str, np.ndarray]):
+        """Prepare once and return a zero-argument callable that runs the model (for benchmarks)."""
+        import tvm
+
+        inputs = check_feeds(self.signature, feeds)
+        if self.emulated:
+            raise EdgeccError("timing an emulated artifact measures qemu, not the target",
+                              "benchmark on the real board")
+        if self._vm is None:
+            self._load_native()
+        args = [tvm.runtime.tensor(x, self._dev) for x in inputs]
+        func = self._vm[self.manifest.get("entry", "main")]
+        return lambda: func(*args, *self._weights)
+
+
+def load_artifact(artifact_dir: str | Path, num_threads: int | None = None) -> LoadedArtifact:
+    return LoadedArtifact(artifact_dir, num_threads)

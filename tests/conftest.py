@@ -1,0 +1,62 @@
+"""Shared fixtures: small ONNX models generated here (torch -> ONNX), and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")  # tests run in parallel workers; keep each to one thread
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(tmp_path_factory) -> Path:
+    """A 2-input, 2-output model (Gemm+Relu, Conv+ReduceMean) with fixed random weights."""
+    import torch
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 32)
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x, y):
+            return torch.relu(self.fc(x)), self.conv(y).mean()
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "two_heads.onnx"
+    torch.onnx.export(TwoHeads().eval(), (torch.randn(2, 64), torch.randn(1, 3, 16, 16)), str(path),
+                      input_names=["x", "y"], output_names=["a", "b"], dynamo=False, opset_version=17)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_artifact(tiny_mlp, tmp_path_factory) -> Path:
+    from edgecc.build import build_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "two_heads"
+    build_artifact(tiny_mlp, out, target="host")
+    return out
+
+
+@pytest.fixture()
+def cli():
+    """Invoke the edgecc CLI in-process; returns click's Result (exit_code, output, stderr)."""
+    from click.testing import CliRunner
+
+    from edgecc.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def feeds_for_two_heads(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((2, 64)).astype(np.float32),
+            "y": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
