@@ -2,7 +2,7 @@
 
 TVM's CPU pipeline (`relax.backend.cpu_generic`) legalizes and fuses, then lowers without scheduling a
 single kernel. Ours is the same sequence with one stage inserted after fusion: the default schedules from
-`edgecc.schedules` for the target (GPU targets get TVM's dlight rules). Keeping the stages as named lists
+`edgecc.schedules` for the target (GPU targets: TVM's dlight rules, crash-tolerant). Keeping the stages as named lists
 lets tests run a prefix of the pipeline and look at the IR in between.
 """
 
@@ -30,13 +30,9 @@ def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
 def schedule_passes(spec: TargetSpec) -> list[tvm.transform.Pass]:
     """Give every fused PrimFunc a schedule for this target."""
     if spec.device == "cuda":
-        from tvm.s_tir import dlight as dl
+        from edgecc.schedules.gpu import gpu_default_schedule
 
-        return [
-            dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-            )
-        ]
+        return [gpu_default_schedule]
     from edgecc.schedules import cpu_schedule_passes
 
     return cpu_schedule_passes(spec)

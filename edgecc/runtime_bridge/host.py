@@ -57,7 +57,7 @@ def check_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> list[np.n
         if tuple(value.shape) != tuple(sig.shape):
             raise EdgeccError(f"input '{sig.name}' has shape {list(value.shape)}, this build takes {list(sig.shape)}",
                               "reshape the input, or rebuild with matching --dim sizes")
-        ordered.append(np.ascontiguousarray(value))
+        ordered.append(np.require(value, requirements="C"))  # keeps 0-d inputs 0-d
     return ordered
 
 

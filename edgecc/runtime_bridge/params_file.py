@@ -39,7 +39,8 @@ def _dtype_name(arr: np.ndarray) -> str:
 
 def encode_params(named: list[tuple[str, np.ndarray]]) -> bytes:
     """Serialise (name, array) pairs; the same inputs always give the same bytes."""
-    arrays = [(name, np.ascontiguousarray(arr)) for name, arr in named]
+    # (np.ascontiguousarray would turn a 0-d scalar weight into shape (1,))
+    arrays = [(name, np.require(arr, requirements="C")) for name, arr in named]
     header = bytearray(MAGIC + struct.pack("<Q", len(arrays)))
     records = []
     for name, arr in arrays:
