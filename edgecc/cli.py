@@ -14,13 +14,15 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgecc import __version__
 from edgecc.errors import EdgeccError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Tables stay readable when piped or captured in CI logs (rich would otherwise assume 80 columns).
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 132)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 132)
 
 EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 1
@@ -52,7 +54,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _shape(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    # escaped: rich would read "[batch, sequence]" as a markup tag and print nothing
+    return escape("[" + ", ".join(str(d) for d in shape) + "]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -169,7 +172,7 @@ def run(artifact: Path, inputs_path: Path, out_path: Path, threads: int | None):
     tmp.replace(out_path)
     how = "under qemu" if model.emulated else f"{model.num_threads} threads"
     for name, value in outputs.items():
-        out.print(f"{name}: {value.dtype} {_shape(value.shape)}")
+        out.print(f"{escape(name)}: {value.dtype} {_shape(value.shape)}")
     out.print(f"wrote {out_path} ({elapsed * 1000:.1f} ms, {how})")
 
 
@@ -200,7 +203,7 @@ def verify(artifact: Path, model: Path, inputs_path: Path | None, seed: int, jso
     for col in ("output", "dtype", "shape", "max abs err", "max rel err", "cosine", "result"):
         table.add_column(col, justify="right" if col.startswith(("max", "cos")) else "left")
     for r in reports:
-        table.add_row(r.name, r.dtype, _shape(r.shape), f"{r.max_abs_err:.3g}", f"{r.max_rel_err:.3g}",
+        table.add_row(escape(r.name), r.dtype, _shape(r.shape), f"{r.max_abs_err:.3g}", f"{r.max_rel_err:.3g}",
                       f"{r.cosine:.7f}", "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
     out.print(table)
     passed = all(r.passed for r in reports)
@@ -219,7 +222,7 @@ def _print_signature(sig_json: dict, title: str):
         table.add_column(col)
     for kind in ("inputs", "outputs"):
         for t in sig_json[kind]:
-            table.add_row(kind[:-1], t["name"], t["dtype"], _shape(t["shape"]))
+            table.add_row(kind[:-1], escape(t["name"]), t["dtype"], _shape(t["shape"]))
     out.print(table)
 
 
@@ -250,7 +253,7 @@ def inspect(path: Path, as_json: bool):
     if report.unsupported:
         out.print(f"[red]{len(report.unsupported)} node(s) edgecc cannot import:[/]")
         for u in report.unsupported:
-            out.print(f"  {u.describe()}")
+            out.print(f"  {escape(u.describe())}")
     else:
         out.print("[green]all ops can be imported[/]")
 

@@ -127,13 +127,32 @@ def test_verify_fails_on_a_wrong_model(cli, tiny_mlp_artifact, tmp_path):
     assert result.exit_code == 1 and "verify: FAIL" in result.output
 
 
+def _require_emulation(target: str):
+    from edgecc.targets.registry import get_target
+
+    status = get_target(target).sdk_status()
+    if not status.can_run:
+        pytest.skip(f"{target} cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize("target", ["arm-neon", "arm-dotprod"])
+@pytest.mark.parametrize("name", ["tiny-mlp", "tiny-cnn", "tiny-transformer"])
+def test_synthetic_models_under_qemu_match_onnxruntime(name, target, tmp_path):
+    _require_emulation(target)
+    reports, *_ = _build_and_verify(name, tmp_path, target=target)
+    _assert_all_pass(reports)
+
+
 @pytest.mark.slow
-def test_minilm_embeddings_match_onnxruntime(tmp_path):
+@pytest.mark.parametrize("target", ["host", pytest.param("arm-neon", marks=pytest.mark.cross)])
+def test_minilm_embeddings_match_onnxruntime(target, tmp_path):
     from edgecc.models import minilm
 
-    feeds = minilm.tokenize(["edgecc compiles ONNX models for edge hardware.",
-                            ], seq_len=128)
-    reports, *_ = _build_and_verify("minilm", tmp_path, feeds=feeds)
+    if target != "host":
+        _require_emulation(target)
+    feeds = minilm.tokenize(["edgecc compiles ONNX models for edge hardware."], seq_len=128)
+    reports, *_ = _build_and_verify("minilm", tmp_path, target=target, feeds=feeds)
     _assert_all_pass(reports)
     emb = next(r for r in reports if r.name == "sentence_embedding")
     assert emb.cosine >= 0.9999
@@ -144,7 +163,10 @@ LIGHT_CNNS = ["resnet50", "densenet121", "inception-v1", "inception-v2", "alexne
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["host", pytest.param("arm-neon", marks=pytest.mark.cross)])
 @pytest.mark.parametrize("name", LIGHT_CNNS)
-def test_light_cnn_with_random_weights_matches_onnxruntime(name, tmp_path):
-    reports, *_ = _build_and_verify(f"{name}-rw", tmp_path)
+def test_light_cnn_with_random_weights_matches_onnxruntime(name, target, tmp_path):
+    if target != "host":
+        _require_emulation(target)
+    reports, *_ = _build_and_verify(f"{name}-rw", tmp_path, target=target)
     _assert_all_pass(reports)

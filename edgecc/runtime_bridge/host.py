@@ -18,6 +18,7 @@ from edgecc.errors import EdgeccError
 from edgecc.frontend.signature import Signature
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import read_params
+from edgecc.targets.registry import host_cpu_flags
 
 
 def default_num_threads() -> int:
@@ -98,6 +99,12 @@ class LoadedArtifact:
                 raise EdgeccError(f"artifact '{self.dir}' is for CUDA and this machine has no GPU",
                                   "run it on a machine with an NVIDIA GPU")
         else:
+            lacking = [f for f in self.manifest["target"]["features"] if self.arch == "x86_64"
+                       and f not in host_cpu_flags()]
+            if lacking:
+                raise EdgeccError(f"artifact '{self.dir}' was built for target '{self.target_name}', whose code "
+                                  f"needs {', '.join(lacking)}, which this CPU lacks",
+                                  "run it on a CPU with those features, or rebuild with -t host")
             dev = tvm.cpu()
             set_num_threads(self.num_threads)
         lib = tvm.runtime.load_module(str(self.dir / art.LIBRARY))

@@ -47,6 +47,13 @@ class TargetSpec:
     def is_cross(self) -> bool:
         return self.device == "cpu" and self.arch != platform.machine()
 
+    def missing_host_features(self) -> list[str]:
+        """ISA features this target's code needs that this machine's CPU lacks (same-arch targets only)."""
+        if self.is_cross or self.device != "cpu" or self.arch != "x86_64":
+            return []
+        flags = host_cpu_flags()
+        return [f for f in self.features if f not in flags]
+
     @property
     def fp32_lanes(self) -> int:
         """How many float32 values one vector register holds."""
@@ -89,7 +96,7 @@ _RISCV_DEBS = ("g++-riscv64-linux-gnu", "qemu-user")
 _NEON_MNEMONICS = ("fmla", "ld1", "ldr\tq", "ldp\tq")
 
 
-def _host_cpu_flags() -> set[str]:
+def host_cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -111,7 +118,7 @@ def _host_cores() -> int:
 def _host_spec() -> TargetSpec:
     """Detect the machine edgecc runs on (TVM's LLVM picks the CPU model; /proc/cpuinfo the features)."""
     machine = platform.machine()
-    flags = _host_cpu_flags()
+    flags = host_cpu_flags()
     try:
         import tvm
 

@@ -44,6 +44,10 @@ def toolchain_status(spec: TargetSpec) -> ToolchainStatus:
         missing.append(spec.cross_compiler)
     can_build = not missing
     if not spec.is_cross:
+        lacking = spec.missing_host_features()
+        if lacking:
+            how = f"build only (this CPU lacks {', '.join(lacking)})"
+            return ToolchainStatus(can_build, False, tuple(missing), _install_hint(spec, missing), how)
         return ToolchainStatus(can_build, can_build, tuple(missing), _install_hint(spec, missing), "natively")
     if spec.emulator and shutil.which(spec.emulator[0]) is None:
         missing.append(spec.emulator[0])

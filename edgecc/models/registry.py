@@ -1,0 +1,128 @@
+"""Name -> exporter table for `edgecc models export NAME -o file.onnx` (and for tests and benchmarks).
+
+Every entry writes an ONNX file from files that installed PyPI packages carry; nothing is downloaded.
+
+    from edgecc.models.registry import MODELS
+    entry = MODELS["minilm"]
+    path = entry.export("minilm.onnx")   # -> Path
+    feeds = entry.feeds(seed=0)          # {input name: numpy array} matching the exported file
+
+Names: ``minilm`` (seq 128, static), ``minilm-seq<N>`` for a few other static lengths, ``minilm-dynamic``; the
+synthetic ``tiny-transformer``, ``tiny-cnn``, ``tiny-mlp``; and one entry per light model in the installed onnx
+wheel (``resnet50``, ``densenet121``, ``inception-v1``, ...), copied as shipped (constant 0.02 weights).
+``<zoo name>-rw`` writes the same graph with seeded random weights (meaningful numeric comparisons).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgecc.models import cnn_zoo, minilm, synthetic
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    export_fn: Callable[..., Path]  # export_fn(path) -> Path
+    feeds_fn: Callable[..., Feeds]  # feeds_fn(seed=0) -> {input name: array}
+    kind: str = "other"  # "transformer" | "cnn" | "mlp"
+    tags: tuple[str, ...] = field(default=())  # e.g. ("slow",) for exports that take more than a few seconds
+
+    def export(self, path) -> Path:
+        """Write the ONNX file to `path` (parent directories are created) and return it as a Path."""
+        return Path(self.export_fn(Path(path)))
+
+    def feeds(self, seed: int = 0) -> Feeds:
+        """Default input feeds for the exported file."""
+        return self.feeds_fn(seed=seed)
+
+
+def _minilm_feeds(seq_len: int, seed: int = 0) -> Feeds:
+    return minilm.default_feeds(seq_len, seed)
+
+
+def _minilm_entries() -> dict[str, ModelEntry]:
+    entries = {
+        "minilm": ModelEntry(
+            "minilm",
+            "all-MiniLM-L6-v2 sentence encoder, [1, 128] ids+mask -> hidden [1,128,384] + unit embedding [1,384]",
+            partial(minilm.export_minilm, seq_len=128),
+            partial(_minilm_feeds, 128),
+            "transformer",
+            ("slow",),
+        )
+    }
+    for seq in (32, 64, 256):
+        entries[f"minilm-seq{seq}"] = ModelEntry(
+            f"minilm-seq{seq}",
+            f"all-MiniLM-L6-v2 as `minilm`, static sequence length {seq}",
+            partial(minilm.export_minilm, seq_len=seq),
+            partial(_minilm_feeds, seq),
+            "transformer",
+            ("slow",),
+        )
+    entries["minilm-dynamic"] = ModelEntry(
+        "minilm-dynamic",
+        "all-MiniLM-L6-v2 with symbolic batch and sequence dims (feeds: [1, 128])",
+        partial(minilm.export_minilm, seq_len=128, dynamic=True),
+        partial(_minilm_feeds, 128),
+        "transformer",
+        ("slow",),
+    )
+    return entries
+
+
+def _synthetic_entries() -> dict[str, ModelEntry]:
+    kinds = {"tiny_transformer": "transformer", "tiny_cnn": "cnn", "tiny_mlp": "mlp"}
+    entries = {}
+    for key, spec in synthetic.SPECS.items():
+        name = key.replace("_", "-")
+        entries[name] = ModelEntry(
+            name,
+            f"synthetic: {spec.description}",
+            partial(synthetic.export, key),
+            partial(synthetic.input_feeds, key),
+            kinds[key],
+        )
+    return entries
+
+
+def _zoo_entries() -> dict[str, ModelEntry]:
+    entries = {}
+    for key in cnn_zoo.light_models():
+        z = cnn_zoo.info(key)
+        name = key.replace("_", "-")
+        shape = "x".join(str(d) for d in z.input_shape)
+        entries[name] = ModelEntry(
+            name,
+            f"onnx wheel light model {key} (opset 9, constant weights), {z.input_name} {shape}",
+            partial(cnn_zoo.copy_model, key),
+            partial(cnn_zoo.input_feeds, key),
+            "cnn",
+        )
+        entries[f"{name}-rw"] = ModelEntry(
+            f"{name}-rw",
+            f"{key} with seeded random weights instead of the constant ones",
+            partial(cnn_zoo.copy_model, key, random_weights=True),
+            partial(cnn_zoo.input_feeds, key),
+            "cnn",
+        )
+    return entries
+
+
+MODELS: dict[str, ModelEntry] = {**_synthetic_entries(), **_minilm_entries(), **_zoo_entries()}
+
+
+def get(name: str) -> ModelEntry:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
