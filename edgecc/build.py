@@ -10,32 +10,24 @@ repeats them, and the schedules see weights already in the layout their kernels 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import json
 
 import numpy as np
 
 from edgecc import __version__
-from edgecc.errors import EdgeccError
 from edgecc.frontend.loader import load_model
-from edgecc.frontend.signature import Signature, bind_dims, read_signature
+from edgecc.frontend.signature import bind_dims, read_signature
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import write_params
 from edgecc.targets.registry import TargetSpec, get_target
 from edgecc.targets.toolchain import require_build_tools
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class BuildOptions:
-    target: str = "host"
-    dims: dict[str, int] = field(default_factory=dict)
-    force: bool = False
-    schedules: bool = True  # apply edgecc's default schedules (off: TVM's unscheduled loops, for comparison)
 
 
 @dataclass
@@ -99,8 +91,6 @@ def build_artifact(
     progress: Progress | None = None,
 ) -> BuildResult:
     """Compile `onnx_path` for `target` into `out_dir` (see module docstring for the stages)."""
-    import time
-
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
@@ -108,16 +98,12 @@ def build_artifact(
     art.check_output_dir(out_dir, force)
     require_build_tools(spec)
 
+    @contextlib.contextmanager
     def stage(name: str):
-        class _Stage:
-            def __enter__(self):
-                say(name)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings[name] = round(time.perf_counter() - self.t0, 3)
-
-        return _Stage()
+        say(name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 3)
 
     with stage("load"):
         model = load_model(onnx_path)
@@ -129,8 +115,6 @@ def build_artifact(
 
         imported = import_model(model, built_sig)
         del model
-
-    import tvm
 
     with stage("weights"):
         deploy_mod, transform_mod = _split_transform_params(imported.mod)
