@@ -21,7 +21,7 @@ import numpy as np
 
 from edgecc import __version__
 from edgecc.frontend.loader import load_model
-from edgecc.frontend.signature import bind_dims, read_signature
+from edgecc.frontend.signature import bind_dims, index_bounds, read_signature
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import write_params
 from edgecc.targets.registry import TargetSpec, get_target
@@ -109,6 +109,7 @@ def build_artifact(
         model = load_model(onnx_path)
         onnx_sig = read_signature(model)
         built_sig = bind_dims(onnx_sig, dims or {})
+        bounds = index_bounds(model)
 
     with stage("import"):
         from edgecc.frontend.importer import import_model
@@ -151,7 +152,8 @@ def build_artifact(
         manifest = {
             "format": art.FORMAT,
             "model": {"file": Path(onnx_path).name, "sha256": art.sha256_file(Path(onnx_path))},
-            "signature": {"onnx": onnx_sig.to_json(), "built": built_sig.to_json(), "dims": dict(dims or {})},
+            "signature": {"onnx": onnx_sig.to_json(), "built": built_sig.to_json(), "dims": dict(dims or {}),
+                          "index_bounds": bounds},
             "entry": "main",
             "target": {
                 "name": spec.name,

@@ -157,3 +157,21 @@ def test_run_rejects_corrupted_artifact(cli, tiny_mlp_artifact, tmp_path):
 def test_bad_dim_binding(cli, tiny_mlp, tmp_path):
     _assert_user_error(cli("build", tiny_mlp, "--dim", "batch", "-o", tmp_path / "out"), "--dim")
     _assert_user_error(cli("build", tiny_mlp, "--dim", "seq=4", "-o", tmp_path / "out"), "seq")
+
+
+def test_run_rejects_out_of_range_token_ids(cli, tmp_path):
+    """Token ids past the embedding table would be read out of bounds by the compiled gather."""
+    from edgecc.build import build_artifact
+    from edgecc.models.registry import MODELS
+
+    entry = MODELS["tiny-transformer"]
+    onnx_path = entry.export(tmp_path / "t.onnx")
+    build_artifact(onnx_path, tmp_path / "art")
+    feeds = entry.feeds(seed=0)
+    name = next(k for k, v in feeds.items() if v.dtype == np.int64)
+    feeds[name] = feeds[name].copy()
+    feeds[name].flat[0] = 10**6
+    npz = tmp_path / "in.npz"
+    np.savez(npz, **feeds)
+    _assert_user_error(cli("run", tmp_path / "art", "--inputs", npz, "-o", tmp_path / "y.npz"),
+                       f"input '{name}'", "outside the table")

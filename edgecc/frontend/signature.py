@@ -118,3 +118,23 @@ def bind_dims(sig: Signature, dims: dict[str, int]) -> Signature:
                           f"give each a size for this build, e.g. {example}")
     return bound
 
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Graph inputs used as Gather/GatherElements indices into a weight -> size of the indexed axis.
+
+    The compiled gather does not check its indices (TVM's fast `take`): a token id past the vocabulary would
+    read out of bounds. Recording the bound lets `run` reject such inputs with a clear error instead.
+    """
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    inputs = {v.name for v in model.graph.input}
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Gather", "GatherElements") and len(node.input) > 1 and node.input[0] in inits \
+                and node.input[1] in inputs:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = inits[node.input[0]]
+            if dims:
+                size = int(dims[axis])
+                bounds[node.input[1]] = min(bounds.get(node.input[1], size), size)
+    return bounds

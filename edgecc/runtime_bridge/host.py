@@ -39,8 +39,12 @@ def set_num_threads(n: int) -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
 
 
-def check_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Match user inputs to the built signature, in order; raise EdgeccError on any mismatch."""
+def check_feeds(signature: Signature, feeds: dict[str, np.ndarray],
+                index_bounds: dict[str, int] | None = None) -> list[np.ndarray]:
+    """Match user inputs to the built signature, in order; raise EdgeccError on any mismatch.
+
+    `index_bounds` (input -> table size) catches indices the compiled gather would read out of bounds.
+    """
     expected = {t.name: t for t in signature.inputs}
     unknown = [k for k in feeds if k not in expected]
     if unknown:
@@ -58,6 +62,10 @@ def check_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> list[np.n
         if tuple(value.shape) != tuple(sig.shape):
             raise EdgeccError(f"input '{sig.name}' has shape {list(value.shape)}, this build takes {list(sig.shape)}",
                               "reshape the input, or rebuild with matching --dim sizes")
+        bound = (index_bounds or {}).get(sig.name)
+        if bound is not None and value.size and (value.min() < -bound or value.max() >= bound):
+            raise EdgeccError(f"input '{sig.name}' has values in [{value.min()}, {value.max()}], outside the "
+                              f"table it indexes (size {bound})", f"keep its values in [0, {bound - 1}]")
         ordered.append(np.require(value, requirements="C"))  # keeps 0-d inputs 0-d
     return ordered
 
@@ -81,6 +89,7 @@ class LoadedArtifact:
         self.manifest = art.read_manifest(self.dir)
         art.verify_file_hashes(self.dir, self.manifest)
         self.signature = Signature.from_json(self.manifest["signature"]["built"])
+        self.index_bounds = self.manifest["signature"].get("index_bounds", {})
         self.target_name = self.manifest["target"]["name"]
         self.arch = self.manifest["target"]["arch"]
         self.device = self.manifest["target"].get("device", "cpu")
@@ -113,7 +122,7 @@ class LoadedArtifact:
         self._weights = [tvm.runtime.tensor(w, dev) for _, w in read_params(self.dir / art.PARAMS)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = check_feeds(self.signature, feeds)
+        inputs = check_feeds(self.signature, feeds, self.index_bounds)
         if self.emulated:
             from edgecc.runtime_bridge.emulated import run_emulated
             from edgecc.targets.registry import get_target
@@ -139,7 +148,7 @@ class LoadedArtifact:
         """Prepare once and return a zero-argument callable that runs the model (for benchmarks)."""
         import tvm
 
-        inputs = check_feeds(self.signature, feeds)
+        inputs = check_feeds(self.signature, feeds, self.index_bounds)
         if self.emulated:
             raise EdgeccError("timing an emulated artifact measures qemu, not the target",
                               "benchmark on the real board")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from edgecc.errors import EdgeccError
-from edgecc.frontend.signature import Signature
+from edgecc.frontend.signature import Signature, index_bounds
 from edgecc.runtime_bridge.tolerances import Tolerance, tolerance_for
 
 
@@ -58,23 +58,9 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> OutputReport:
     return OutputReport(name, str(ref.dtype), tuple(ref.shape), max_abs, max_rel, cosine, tol, passed)
 
 
-def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Graph inputs used as Gather/GatherElements indices -> size of the indexed axis."""
-    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    bounds: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in ("Gather", "GatherElements") and len(node.input) > 1 and node.input[0] in inits:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = inits[node.input[0]]
-            if dims:
-                size = int(dims[axis])
-                bounds[node.input[1]] = min(bounds.get(node.input[1], size), size)
-    return bounds
-
-
 def random_feeds(signature: Signature, model: onnx.ModelProto | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    bounds = _index_bounds(model) if model is not None else {}
+    bounds = index_bounds(model) if model is not None else {}
     feeds = {}
     for t in signature.inputs:
         shape = tuple(int(d) for d in t.shape)
