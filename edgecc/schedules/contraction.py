@@ -1,0 +1,353 @@
+"""The register-tiled contraction template shared by the matmul, GEMV and conv2d rules.
+
+A contraction block is `C[...] += X[...] * Y[...]` (reduction over one or more axes). One output axis is
+the *vector axis* `v`: it indexes exactly one operand, V (plainly, `V[.., v, ..]`), so a row of the
+register tile is a vector load of V. Another output axis, the *row axis* `r`, indexes the other operand,
+S, whose elements are broadcast. The micro-kernel keeps an `mr x nr` tile of C in registers:
+
+    for <outer loops, fused + parallel>:          # batch axes, v // nr, r // mr
+        acc[mr, nr] = 0                           # vectorized
+        for k...:                                 # reduction axes, in the block's order
+            for ri in unroll(mr):
+                for vi in vectorize(nr):
+                    acc[ri, vi] += S[.., r, .., k] * Vp[.., v // nr, k, vi]
+        C/epilogue[tile] = f(acc)                 # epilogue fused at the tile, vectorized
+
+Matmul: v = the column j of B, r = the row i of A. Conv2d NCHW: v = the output channel (V = the weight,
+packed), r = the output column (S = the input window). When V's rows are long the kernel first packs V
+into `[.., v // nr, k.., nr]` (one contiguous panel per tile column; for a weight given as [N, K] this
+is the transpose too). A vector axis whose extent is not a multiple of the tile is padded (`pad_einsum`);
+the padded result is then copied/epilogued by a separate vectorized elementwise stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import s_tir, tirx
+
+from edgecc.schedules import base
+from edgecc.schedules.params import CpuParams
+
+
+@dataclass
+class Contraction:
+    block: object  # SBlockRV of the reduction block
+    out_buffer: object
+    v_var: object
+    r_var: object | None
+    batch_v: list = field(default_factory=list)  # other spatial axes used by V
+    batch_s: list = field(default_factory=list)  # other spatial axes not used by V
+    red_vars: list = field(default_factory=list)
+    extents: dict = field(default_factory=dict)
+    v_index: int = 0  # which read region of the block is V
+    v_dims: list = field(default_factory=list)  # per V dim: "v", "k" or "o"
+    v_packable: bool = False  # every V index is a plain var or constant
+    s_plain: bool = False  # every S index is a plain var or constant
+    out_v_dim: int = 0  # which dim of C the vector axis indexes
+    m_total: int = 1  # output rows (product of the axes that do not index V)
+    dtype_bits: int = 32
+    v_last_is_v: bool = True  # V's innermost dim is the vector axis (vector loads are contiguous)
+    v_row_elems: int = 0  # elements of V's innermost dimension (its row stride)
+
+
+def _plain(expr) -> bool:
+    return isinstance(expr, (tirx.Var, tirx.IntImm))
+
+
+def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
+    """Recognise `C[..] = C[..] + f(X[..], Y[..])` and pick the vector and row axes."""
+    stmt = sch.get(block)
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or stmt.init is None:
+        return None
+    out = body.buffer
+    if not str(out.dtype).startswith("float"):
+        return None
+    value = body.value
+    if not isinstance(value, tirx.Add):
+        return None
+    acc_side = None
+    for side, other in ((value.a, value.b), (value.b, value.a)):
+        if (isinstance(side, base.LoadNode) and side.source.same_as(out)
+                and all(x.same_as(y) for x, y in zip(side.indices, body.indices))):
+            acc_side = other
+            break
+    if acc_side is None:
+        return None
+    loads = [ld for ld in base.loads_in(acc_side) if not ld.source.same_as(out)]
+    if len(loads) != 2 or loads[0].source.same_as(loads[1].source):
+        return None
+    if not all(_plain(i) for i in body.indices):
+        return None
+
+    iters = list(stmt.iter_vars)
+    extents = {}
+    for iv in iters:
+        if not isinstance(iv.dom.extent, tirx.IntImm):
+            return None
+        extents[iv.var] = int(iv.dom.extent)
+    spatial = [iv.var for iv in iters if int(iv.iter_type) == tirx.IterVar.DataPar]
+    red = [iv.var for iv in iters if int(iv.iter_type) == tirx.IterVar.CommReduce]
+    if not red:
+        return None
+
+    def used(load):
+        s = set()
+        for idx in load.indices:
+            s |= base.vars_in(idx)
+        return s
+
+    uses = [used(ld) for ld in loads]
+    out_vars = [i for i in body.indices if isinstance(i, tirx.Var)]
+
+    best = None
+    for var in spatial:
+        if var not in out_vars:
+            return None
+        in_ops = [n for n in (0, 1) if var in uses[n]]
+        if len(in_ops) != 1:
+            continue
+        vi = in_ops[0]
+        vload = loads[vi]
+        if not any(idx.same_as(var) for idx in vload.indices):
+            continue  # V indexed by an expression of v: no contiguous vector loads
+        packable = all(_plain(i) for i in vload.indices)
+        ext = extents[var]
+        score = (
+            packable,
+            ext % lanes == 0,
+            vload.indices[-1].same_as(var),
+            body.indices[-1].same_as(var),
+            ext,
+        )
+        if best is None or score > best[0]:
+            best = (score, var, vi)
+    if best is None:
+        return None
+    _, v_var, vi = best
+    vload, sload = loads[vi], loads[1 - vi]
+    s_only = [x for x in spatial if not x.same_as(v_var) and x in uses[1 - vi] and x not in uses[vi]]
+    r_var = None
+    for idx in reversed(list(body.indices)):
+        if any(idx.same_as(x) for x in s_only) and extents[idx] > 1:
+            r_var = [x for x in s_only if idx.same_as(x)][0]
+            break
+    others = [x for x in spatial if not x.same_as(v_var) and (r_var is None or not x.same_as(r_var))]
+    batch_v = [x for x in others if x in uses[vi]]
+    batch_s = [x for x in others if x not in uses[vi]]
+    m_total = 1
+    for x in spatial:
+        if x not in uses[vi]:
+            m_total *= extents[x]
+
+    # which read region of the block is V
+    v_index = None
+    for n, region in enumerate(stmt.reads):
+        if region.source.same_as(vload.source):
+            v_index = n
+    if v_index is None:
+        return None
+    v_dims = []
+    for idx in vload.indices:
+        if idx.same_as(v_var):
+            v_dims.append("v")
+        elif isinstance(idx, tirx.Var) and any(idx.same_as(k) for k in red):
+            v_dims.append("k")
+        else:
+            v_dims.append("o")
+    out_v_dim = [n for n, idx in enumerate(body.indices) if idx.same_as(v_var)][0]
+    return Contraction(
+        block=block,
+        out_buffer=out,
+        v_var=v_var,
+        r_var=r_var,
+        batch_v=batch_v,
+        batch_s=batch_s,
+        red_vars=red,
+        extents=extents,
+        v_index=v_index,
+        v_dims=v_dims,
+        v_packable=all(_plain(i) for i in vload.indices),
+        s_plain=all(_plain(i) for i in sload.indices),
+        out_v_dim=out_v_dim,
+        m_total=m_total,
+        dtype_bits=_dtype_bits(out.dtype),
+        v_last_is_v=vload.indices[-1].same_as(v_var),
+        v_row_elems=int(vload.source.shape[-1]) if isinstance(vload.source.shape[-1], tirx.IntImm) else 0,
+    )
+
+
+def _dtype_bits(dtype) -> int:
+    return tvm.runtime.DataType(str(dtype)).bits
+
+
+def choose_tile_width(n: int, nr: int, lanes: int) -> tuple[int, bool]:
+    """(tile width, needs padding): the widest multiple of `lanes` up to `nr` dividing `n`, else pad."""
+    for width in range(nr, lanes - 1, -lanes):
+        if n % width == 0:
+            return width, False
+    if n < nr:
+        return ((n + lanes - 1) // lanes) * lanes, True
+    return nr, True
+
+
+def _index_map(ndim: int, fn, dtype: str):
+    return tirx.IndexMap.from_func(fn, ndim=ndim, index_dtype=dtype)
+
+
+def _buffer_index_dtype(buf) -> str:
+    shape = list(buf.shape)
+    return str(shape[0].ty) if shape else "int64"
+
+
+def schedule(
+    sch: s_tir.Schedule,
+    c: Contraction,
+    params: CpuParams,
+    *,
+    fuse_epilogue: bool = True,
+    allow_pad: bool = True,
+) -> s_tir.Schedule:
+    """Apply the register-tile schedule to the contraction `c` (raises when a primitive refuses)."""
+    lanes = params.lanes(c.dtype_bits)
+    n_ext = c.extents[c.v_var]
+    gemv = c.m_total <= params.gemv_max_rows
+    nr_target = params.gemv_nr(c.dtype_bits) if gemv else params.nr(c.dtype_bits)
+    nr, pad = choose_tile_width(n_ext, nr_target, lanes)
+    if pad and not (allow_pad and c.v_packable and c.s_plain):
+        # pad_einsum needs plain indices everywhere: try half / quarter vectors instead
+        narrow = [w for w in (lanes // 2, lanes // 4) if w >= 4 and n_ext % w == 0]
+        if not narrow:
+            raise ValueError(f"vector axis extent {n_ext} has no tile width (lanes {lanes}) and cannot be padded")
+        nr, pad = narrow[0], False
+    if gemv and not c.v_last_is_v:
+        raise ValueError("matrix-vector product with a transposed matrix: not this template")
+    mr = min(params.mr, c.extents[c.r_var]) if c.r_var is not None else 1
+    if gemv and c.r_var is not None:
+        mr = c.extents[c.r_var]
+    row_bytes = c.v_row_elems * c.dtype_bits // 8
+    pack = pad or (c.v_packable and not gemv and c.m_total >= params.pack_min_rows
+                   and (not c.v_last_is_v or row_bytes >= params.pack_min_stride_bytes))
+    block = c.block
+    intermediates = base.intermediate_buffers(sch)
+    out_is_param = not any(b.same_as(c.out_buffer) for b in intermediates)
+
+    # 1. pad the vector axis, pack V into [.., v // nr, k.., nr] panels
+    pack_block = None
+    if pad:
+        iters = sch.get(block).iter_vars
+        sch.pad_einsum(block, [nr if iv.var.same_as(c.v_var) else 1 for iv in iters])
+        v_buf = sch.get(block).reads[c.v_index].source
+        producers = [p for p in sch.get_producers(block) if sch.get(p).writes[0].source.same_as(v_buf)]
+        if len(producers) != 1:
+            raise ValueError("pad_einsum produced no single V pad block")
+        pack_block = producers[0]
+    elif pack:
+        pack_block = sch.cache_read(block, c.v_index, "global")
+    if pack_block is not None:
+        v_buf = sch.get(pack_block).writes[0].source
+        dims = c.v_dims
+        ndim = len(dims)
+        o_dims = [d for d in range(ndim) if dims[d] == "o"]
+        k_dims = [d for d in range(ndim) if dims[d] == "k"]
+        v_dim = dims.index("v")
+        width = nr
+
+        def _pack_map(*idx):
+            return ([idx[d] for d in o_dims] + [tirx.floordiv(idx[v_dim], width)]
+                    + [idx[d] for d in k_dims] + [tirx.floormod(idx[v_dim], width)])
+
+        sch.transform_layout(pack_block, ("write", 0), _index_map(ndim, _pack_map, _buffer_index_dtype(v_buf)))
+        _schedule_pack(sch, pack_block, dims, nr, lanes, params)
+
+    # 2. tile the reduction block
+    lp = base.loop_of_iter(sch, block)
+    if lp is None:
+        raise ValueError("contraction block has non-trivial loop bindings")
+    vo, vi = sch.split(lp[c.v_var], [None, nr])
+    ro = ri = None
+    if c.r_var is not None and lp[c.r_var] is not None:
+        if mr > 1:
+            ro, ri = sch.split(lp[c.r_var], [None, mr])
+        else:
+            ro = lp[c.r_var]
+    outer = [lp[x] for x in c.batch_v if lp[x] is not None] + [vo]
+    outer += [lp[x] for x in c.batch_s if lp[x] is not None]
+    if ro is not None:
+        outer.append(ro)
+    reds = [lp[k] for k in c.red_vars if lp[k] is not None]
+    inner = ([ri] if ri is not None else []) + [vi]
+    sch.reorder(*outer, *reds, *inner)
+    tile_loop = outer[-1]
+
+    # 3. accumulate in a register tile; write back (or run the fused epilogue) per tile
+    acc_write = sch.cache_write(block, 0, "local")
+    out_ndim = len(sch.get(block).writes[0].source.shape)
+    if c.out_v_dim != out_ndim - 1:
+        perm = [d for d in range(out_ndim) if d != c.out_v_dim] + [c.out_v_dim]
+        acc_buf = sch.get(block).writes[0].source
+        sch.transform_layout(block, ("write", 0),
+                             _index_map(out_ndim, lambda *idx: [idx[d] for d in perm],
+                                        _buffer_index_dtype(acc_buf)))
+    tile_blocks = []
+    consumers = list(sch.get_consumers(acc_write))
+    if fuse_epilogue and not pad and not out_is_param and consumers:
+        sch.compute_inline(acc_write)
+        for blk in base.top_blocks(sch):
+            if blk in consumers or any(sch.get(blk).same_as(sch.get(cb)) for cb in consumers):
+                sch.reverse_compute_at(blk, tile_loop, preserve_unit_loops=True)
+                tile_blocks.append(blk)
+    else:
+        sch.reverse_compute_at(acc_write, tile_loop, preserve_unit_loops=True)
+        tile_blocks.append(acc_write)
+
+    # 4. parallel over the tiles (before decompose_reduction: parallel needs the reduction block whole)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if (base.const_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+
+    # 5. vectorize / unroll the micro-kernel, split off the accumulator init
+    sch.vectorize(vi)
+    if ri is not None:
+        sch.unroll(ri)
+    for blk in tile_blocks:
+        tile_part = sch.get_loops(blk)[1:]
+        if tile_part and c.out_v_dim == len(tile_part) - 1 and base.const_extent(sch, tile_part[-1]) == nr:
+            sch.vectorize(tile_part[-1])
+    if reds:
+        init = sch.decompose_reduction(block, reds[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+
+    # 6. whatever is left at the root (pad copies, epilogues that could not be fused) is elementwise
+    done = {sch.get(block).name_hint} | ({sch.get(pack_block).name_hint} if pack_block is not None else set())
+    leftovers = [blk for blk in base.top_blocks(sch) if sch.get(blk).name_hint not in done]
+    rest = base.try_inline_all(sch, leftovers)
+    from edgecc.schedules.elementwise import schedule_spatial_block
+
+    for blk in rest:
+        if base.is_spatial_block(sch, blk) and not sch.get(blk).name_hint.endswith("_init"):
+            loops = sch.get_loops(blk)
+            if loops and sch.get(loops[0]).kind != tirx.ForKind.PARALLEL:
+                schedule_spatial_block(sch, blk, params)
+    return sch
+
+
+def _schedule_pack(sch, pack_block, dims, nr, lanes, params):
+    """Pack loops: [o.., v // nr, k.., v % nr] with the outer ones parallel, the panel row vectorized."""
+    loops = sch.get_loops(pack_block)
+    if len(loops) != len(dims):
+        return
+    v_loop = loops[dims.index("v")]
+    vo, vi = sch.split(v_loop, [None, nr])
+    o_loops = [loops[d] for d in range(len(dims)) if dims[d] == "o"]
+    k_loops = [loops[d] for d in range(len(dims)) if dims[d] == "k"]
+    sch.reorder(*o_loops, vo, *k_loops, vi)
+    outer = o_loops + [vo]
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if (base.const_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+    if nr % lanes == 0:
+        _, vv = sch.split(vi, [None, lanes])
+        sch.vectorize(vv)

@@ -1,0 +1,831 @@
+"""`edgecc tune`: MetaSchedule auto-tuning of a model's fused kernels, and the database builds read back.
+
+    model.onnx ─▶ import (as `edgecc build` does) ─▶ legalize + fuse ─▶ one task per distinct fused PrimFunc
+      ─▶ evolutionary search guided by an XGBoost cost model ─▶ build in this process ─▶ measure
+         (LocalRunner here, RPCRunner on a board behind a TVM tracker) ─▶ JSONDatabase on disk
+
+The database lives in a directory per target (`default_database_dir`): MetaSchedule's two JSON files
+(`database_workload.json`, `database_tuning_record.json`) plus `edgecc_tuning.json`, which names the target
+it was measured on. A record is keyed by the *structural hash of the fused PrimFunc* (the workload), so it
+applies to any model, on any machine, whose fused kernel is identical, and only there. `build` picks the
+database up automatically (`relax_pipeline`): `apply_database_pass` replaces every fused PrimFunc that has a
+record by its best measured schedule and marks it scheduled, and edgecc's default rules schedule the rest.
+
+Tuning drives MetaSchedule's pieces (TuneContext, EvolutionarySearch, XGBModel, JSONDatabase, runners) from
+a loop here instead of `tune_tasks`, for what that loop cannot give on a small shared machine:
+
+- a builder that compiles in this process (the default LocalBuilder's fresh popen workers spend ~28 s each
+  importing `tvm.s_tir.tensor_intrin`, and its 30 s timeout then kills most builds);
+- a wall-clock budget, checked before every candidate, and a trial count that is exact;
+- no spinning: a task whose search space is exhausted (no candidates, or empty batches) is retired, where
+  the gradient task scheduler keeps re-picking it;
+- progress reports after every measurement, for the CLI's progress bar.
+
+Resuming is the default: records already in the database stay, warm up the cost model, seed the search's
+initial population, and new trials are appended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from edgecc.errors import EdgeccError
+from edgecc.targets.registry import TargetSpec, get_target
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tvm
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+META_FILE = "edgecc_tuning.json"
+TUNED = "tuned"  # value of edgecc.schedule on functions scheduled from the database
+
+# Measurement: each candidate runs `number` times per repeat, repeats until `min_repeat_ms`; median of repeats.
+EVAL_NUMBER = 3
+EVAL_REPEAT = 3
+EVAL_MIN_REPEAT_MS = 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the database lives
+# ---------------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """$EDGECC_CACHE, else ~/.cache/edgecc."""
+    env = os.environ.get("EDGECC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgecc"
+
+
+def target_json(spec: TargetSpec) -> dict[str, Any]:
+    """The TVM target of `spec` as a JSON dict (what records are measured for)."""
+    return json.loads(str(spec.tvm()))
+
+
+def target_hash(spec: TargetSpec) -> str:
+    canonical = json.dumps(target_json(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def default_database_dir(spec: TargetSpec) -> Path:
+    """`$EDGECC_CACHE/tuning/<target name>-<hash of its TVM target JSON>` (one database per target)."""
+    return cache_root() / "tuning" / f"{spec.name}-{target_hash(spec)}"
+
+
+def has_records(database_dir: str | Path | None) -> bool:
+    """Whether a database directory holds at least one tuning record."""
+    if database_dir is None:
+        return False
+    path = Path(database_dir) / RECORD_FILE
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def count_records(database_dir: str | Path) -> int:
+    path = Path(database_dir) / RECORD_FILE
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def resolve_database_dir(spec: TargetSpec, tuning_db: str | Path | None = None) -> Path | None:
+    """The database a build for `spec` should apply: `tuning_db` if given, else the target's default one.
+
+    Returns None when there is nothing to apply (no records). An explicit directory that does not exist is
+    a user error.
+    """
+    if tuning_db is not None:
+        path = Path(tuning_db).expanduser()
+        if not path.is_dir():
+            raise EdgeccError(f"tuning database '{path}' does not exist",
+                              "run `edgecc tune` with --db pointing there first, or fix the path")
+        return path if has_records(path) else None
+    path = default_database_dir(spec)
+    return path if has_records(path) else None
+
+
+def _read_meta(database_dir: Path) -> dict | None:
+    try:
+        return json.loads((database_dir / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def check_database_target(spec: TargetSpec, database_dir: Path) -> None:
+    """Refuse a database measured for another TVM target (its schedules would be tuned for other hardware)."""
+    meta = _read_meta(database_dir)
+    if not meta or "tvm_target" not in meta.get("target", {}):
+        return  # a plain MetaSchedule database: the user vouches for it
+    if meta["target"]["tvm_target"] != target_json(spec):
+        raise EdgeccError(
+            f"tuning database '{database_dir}' was measured for target '{meta['target'].get('name')}' "
+            f"({json.dumps(meta['target']['tvm_target'], sort_keys=True)}), not '{spec.name}' "
+            f"({json.dumps(target_json(spec), sort_keys=True)})",
+            f"tune for '{spec.name}' into its own database (default: {default_database_dir(spec)})",
+        )
+
+
+def _write_meta(spec: TargetSpec, database_dir: Path) -> None:
+    from edgecc import __version__
+
+    path = database_dir / META_FILE
+    if path.exists():
+        return
+    meta = {
+        "format": 1,
+        "target": {"name": spec.name, "tvm_target": target_json(spec), "arch": spec.arch},
+        "created_by": f"edgecc {__version__}",
+        "note": "MetaSchedule JSONDatabase; records are keyed by the structural hash of each fused PrimFunc",
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying the database in a build
+# ---------------------------------------------------------------------------------------------------
+
+
+def _open_database(database_dir: Path, allow_missing: bool):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(
+        path_workload=str(database_dir / WORKLOAD_FILE),
+        path_tuning_record=str(database_dir / RECORD_FILE),
+        allow_missing=allow_missing,
+        module_equality="structural",
+    )
+
+
+def _workload_mod(func):
+    """The IRModule a fused PrimFunc is recorded under (what task extraction hands the tuner)."""
+    import tvm
+
+    return tvm.IRModule({"main": func})
+
+
+def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "tvm.transform.Pass | None":
+    """A module pass that gives every fused PrimFunc with a record in `database_dir` its best tuned schedule.
+
+    Runs after FuseTIR and before the default schedules. A function it schedules gets the attributes
+    `tirx.is_scheduled` = True (so the default rules skip it) and `edgecc.schedule` = "tuned"; the others are
+    left as they were. Matching is by structural equality of the whole fused function, so a record never
+    applies to a kernel that differs in shape, dtype or fused epilogue. None when there are no records.
+    """
+    if database_dir is None or not has_records(database_dir):
+        return None
+    database_dir = Path(database_dir)
+    check_database_target(spec, database_dir)
+
+    import tvm
+    from tvm import tirx
+
+    from edgecc.schedules.base import SCHEDULE_ATTR, is_scheduled
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeccApplyTuningDatabase")
+    def _apply(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        target = tvm.target.Target.current(allow_none=True) or spec.tvm()
+        database = _open_database(database_dir, allow_missing=False)
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+                continue
+            try:
+                sch = database.query_schedule(_workload_mod(func), target, gv.name_hint)
+            except Exception as exc:  # noqa: BLE001 - a record that no longer replays: use the default rules
+                log.warning("tuning record for %s does not apply: %s", gv.name_hint,
+                            str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__)
+                continue
+            if sch is None:
+                continue
+            new_func = sch.mod["main"]
+            if func.attrs is not None:
+                new_func = new_func.with_attrs(func.attrs)
+            if new_func.attrs is not None and "global_symbol" in new_func.attrs and (
+                    func.attrs is None or "global_symbol" not in func.attrs):
+                new_func = new_func.without_attr("global_symbol")
+            updates[gv] = new_func.with_attr("tirx.is_scheduled", True).with_attr(SCHEDULE_ATTR, TUNED)
+        if not updates:
+            return mod
+        mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _apply
+
+
+def count_tuned_functions(mod) -> int:
+    """How many PrimFuncs of `mod` were scheduled from a tuning database."""
+    from tvm import tirx
+
+    from edgecc.schedules.base import SCHEDULE_ATTR
+
+    n = 0
+    for _gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and SCHEDULE_ATTR in func.attrs:
+            n += str(func.attrs[SCHEDULE_ATTR]) == TUNED
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskReport:
+    name: str
+    weight: int  # how many times the model calls this kernel
+    trials: int = 0  # measured in this run (failures included)
+    errors: int = 0  # of those, how many failed to build or run
+    best_ms_before: float | None = None  # best record in the database before this run
+    best_ms: float | None = None  # best record after this run
+    done: bool = False  # search space exhausted or per-task cap reached
+
+
+@dataclass
+class TuneReport:
+    target: str
+    database_dir: Path
+    tasks: list[TaskReport]
+    trials_done: int
+    trials_requested: int
+    wall_s: float
+    stopped_by: str  # "trials", "time budget", "search exhausted"
+    records_before: int
+    records_after: int
+    runner: str  # "local (N threads)" or "rpc host:port key=K"
+
+    @property
+    def best_latency_ms(self) -> dict[str, float | None]:
+        return {t.name: t.best_ms for t in self.tasks}
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["database_dir"] = str(self.database_dir)
+        return out
+
+
+@dataclass
+class TuneEvent:
+    """What the progress callable gets: after each measured candidate, and at each phase change."""
+
+    phase: str  # "prepare", "tune", "done"
+    message: str
+    trials_done: int = 0
+    trials_total: int = 0
+    elapsed_s: float = 0.0
+    time_budget_s: float | None = None
+    task: str | None = None
+    task_best_ms: float | None = None
+    tasks_total: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+ProgressFn = Callable[[TuneEvent], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# MetaSchedule plumbing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _host_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def _ms_logger() -> logging.Logger:
+    """MetaSchedule's per-task chatter goes here (WARNING unless the user turns it up)."""
+    logger = logging.getLogger("edgecc.tuning.metaschedule")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    return logger
+
+
+def _has_int8(func) -> bool:
+    try:
+        return any(str(buf.dtype) in ("int8", "uint8") for buf in func.buffer_map.values())
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _space_generator(needs_intrinsics: bool):
+    """Post-order-apply with the generic LLVM rules, or the target's own (tensor intrinsics) for int8 kernels.
+
+    The target-specific CPU rule sets (x86 VNNI/AVX-512, Arm dotprod, RISC-V RVV) reference tensor intrinsics
+    that exist only after `import tvm.s_tir.tensor_intrin` (24-120 s here); they add nothing to float kernels.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    if needs_intrinsics:
+        import tvm.s_tir.tensor_intrin  # noqa: F401 - registers the intrinsics the target rules name
+
+        return ms.space_generator.PostOrderApply()
+    return ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+
+
+def _tune_context(mod, target, task_name: str, space, strategy, num_threads: int, seed: int):
+    """`ms.TuneContext(...)` without its constructor's unconditional `import tvm.s_tir.tensor_intrin`."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import _ffi_api
+    from tvm.s_tir.meta_schedule.logging import get_logging_func
+
+    ctx = ms.TuneContext.__new__(ms.TuneContext)
+    ctx.__init_handle_by_constructor__(
+        _ffi_api.TuneContext, mod, target, space, strategy, task_name, num_threads, seed,
+        get_logging_func(_ms_logger()),
+    )
+    _ffi_api.TuneContextInitialize(ctx)
+    return ctx
+
+
+def _make_builder(spec: TargetSpec, export_dir: Path, shared_library: bool):
+    """A MetaSchedule Builder that compiles in this process (same steps as `ms.builder.default_build`).
+
+    `shared_library`: link a .so with the target's compiler (for RPC: the board needs no toolchain);
+    otherwise a tar of object files that the local runner links.
+    """
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class InProcessBuilder(ms.builder.PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def build(self, build_inputs):
+            from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+            from tvm.support.tar import tar
+
+            results = []
+            for build_input in build_inputs:
+                self.count += 1
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
+                    rt_mod = tvm.build(mod, target=build_input.target)
+                    if shared_library:
+                        path = export_dir / f"cand{self.count}.so"
+                        if spec.cross_compiler:
+                            rt_mod.export_library(str(path),
+                                                  fcompile=tvm.support.cc.cross_compiler(spec.cross_compiler))
+                        else:
+                            rt_mod.export_library(str(path))
+                    else:
+                        path = export_dir / f"cand{self.count}.{tar.output_format}"
+                        rt_mod.export_library(str(path), fcompile=tar)
+                    results.append(ms.builder.BuilderResult(str(path), None))
+                except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is a failed trial
+                    msg = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+                    results.append(ms.builder.BuilderResult(None, f"InProcessBuilder: {type(exc).__name__}: {msg}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _evaluator_config():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(number=EVAL_NUMBER, repeat=EVAL_REPEAT, min_repeat_ms=EVAL_MIN_REPEAT_MS,
+                                     enable_cpu_cache_flush=False)
+
+
+def _set_worker_threads(n: int) -> None:  # runs in the runner's worker process
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    try:
+        import tvm_ffi
+
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _make_local_runner(num_threads: int, timeout_s: float):
+    """LocalRunner whose worker process runs kernels on `num_threads` threads (TVM alone would use 1 here)."""
+    import functools
+
+    from tvm.s_tir import meta_schedule as ms
+
+    old = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(num_threads)  # the popen worker is spawned now and inherits it
+    try:
+        return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=_evaluator_config(),
+                                     initializer=functools.partial(_set_worker_threads, num_threads))
+    finally:
+        if old is None:
+            os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = old
+
+
+def parse_rpc(rpc: str) -> tuple[str, int]:
+    host, sep, port = rpc.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EdgeccError(f"bad --rpc '{rpc}'", "write it as HOST:PORT of the RPC tracker, e.g. 127.0.0.1:9190")
+    return host, int(port)
+
+
+def _rpc_config(rpc: str, key: str, timeout_s: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    host, port = parse_rpc(rpc)
+    return ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                               session_priority=1, session_timeout_sec=int(timeout_s))
+
+
+def check_rpc(rpc: str, key: str, timeout_s: float = 10.0) -> int:
+    """Fail early, with the fix, when the tracker is unreachable or has no server under `key`."""
+    config = _rpc_config(rpc, key, timeout_s)
+    host, port = parse_rpc(rpc)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise EdgeccError(f"cannot reach the RPC tracker at {rpc}: {exc}",
+                          "start one (python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190) or fix --rpc")
+    try:
+        return config.count_num_servers(allow_missing=False)
+    except ValueError as exc:
+        raise EdgeccError(f"the RPC tracker at {rpc} has no free server with key '{key}'",
+                          f"start one on the board (python -m tvm.exec.rpc_server --tracker {rpc} --key {key}) "
+                          "or fix --key; `python -m tvm.exec.query_rpc_tracker` lists them") from exc
+
+
+def _make_rpc_runner(rpc: str, key: str, timeout_s: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.RPCRunner(rpc_config=_rpc_config(rpc, key, timeout_s), evaluator_config=_evaluator_config(),
+                               max_workers=1)
+
+
+def _shutdown_runner(runner) -> None:
+    pool = getattr(runner, "pool", None)
+    if pool is not None:
+        try:
+            pool.shutdown(wait=False)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _run_ms(run_secs) -> float | None:
+    if run_secs is None:
+        return None
+    values = sorted(float(s) for s in run_secs)
+    if not values or values[0] >= 1e9 or values[0] <= 0:
+        return None
+    return values[len(values) // 2] * 1e3
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model -> tasks
+# ---------------------------------------------------------------------------------------------------
+
+
+def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] | None = None):
+    """The model as `build_artifact` sees it right before scheduling: imported, weights lifted, legalized+fused."""
+    import tvm
+
+    from edgecc.build import _split_transform_params
+    from edgecc.frontend.importer import import_model
+    from edgecc.frontend.loader import load_model
+    from edgecc.frontend.signature import bind_dims, read_signature
+    from edgecc.ir_passes.pipeline import legalize_and_fuse_passes
+
+    model = load_model(onnx_path)
+    signature = bind_dims(read_signature(model), dims or {})
+    imported = import_model(model, signature)
+    del model
+    deploy_mod, _transform = _split_transform_params(imported.mod)
+    with spec.tvm():
+        return tvm.transform.Sequential(legalize_and_fuse_passes())(deploy_mod)
+
+
+def extract_tuning_tasks(fused_mod, spec: TargetSpec) -> list:
+    """MetaSchedule tasks (one per structurally distinct fused PrimFunc), without already-scheduled ones."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(fused_mod, spec.tvm(), module_equality="structural")
+    out = []
+    for task in tasks:
+        attrs = task.dispatched[0]["main"].attrs
+        if attrs is not None and "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"]):
+            continue
+        out.append(task)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    report: TaskReport
+    ctx: Any
+    workload: Any
+    alive: bool = True
+    empty_batches: int = 0
+    best_ms: float = math.inf
+
+
+def tune_model(
+    onnx_path: str | Path,
+    target: str = "host",
+    trials: int = 64,
+    time_budget_s: float | None = None,
+    database_dir: str | Path | None = None,
+    dims: dict[str, int] | None = None,
+    rpc: str | None = None,
+    rpc_key: str | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    batch_size: int = 16,
+    max_trials_per_task: int | None = None,
+    population_size: int = 256,
+    seed: int | None = None,
+    measure_timeout_s: float = 60.0,
+) -> TuneReport:
+    """Tune the fused kernels of `onnx_path` for `target` with MetaSchedule; records go to the database.
+
+    Stops after `trials` new measurements, when `time_budget_s` (wall clock, from the call) would be
+    exceeded by the next candidate, or when every task's search space is exhausted — whichever comes first.
+    `rpc` ("host:port" of a TVM RPC tracker) + `rpc_key` measure on the board registered under that key;
+    without them kernels are measured here, which only a target of this machine's architecture allows.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + time_budget_s if time_budget_s is not None else math.inf
+    say = progress or (lambda _event: None)
+    if trials < 1:
+        raise EdgeccError(f"--trials must be at least 1 (got {trials})", "pass a positive number of trials")
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise EdgeccError(f"--time-budget must be positive (got {time_budget_s})", "pass seconds, e.g. 300")
+
+    spec = get_target(target)
+    if spec.device != "cpu":
+        raise EdgeccError(f"tuning for '{spec.name}' ({spec.device}) is not supported yet",
+                          "tune a CPU target; GPU targets use the default dlight schedules")
+    if rpc is None and rpc_key is not None:
+        raise EdgeccError("--key given without --rpc", "pass the tracker as --rpc HOST:PORT too")
+    if rpc is not None:
+        if not rpc_key:
+            raise EdgeccError("--rpc needs --key", "pass the key the board's RPC server registered with, e.g. --key rpi4")
+        parse_rpc(rpc)
+    elif spec.is_cross:
+        raise EdgeccError(
+            f"tuning for '{spec.name}' ({spec.arch}) needs the real board: kernels are timed where they run, "
+            f"and this machine is {os.uname().machine} (qemu timings would be meaningless)",
+            f"run `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY` on the board and pass "
+            f"--rpc HOST:PORT --key KEY",
+        )
+
+    def elapsed() -> float:
+        return time.perf_counter() - t0
+
+    def event(phase: str, message: str, **kw) -> None:
+        say(TuneEvent(phase=phase, message=message, trials_total=trials, elapsed_s=elapsed(),
+                      time_budget_s=time_budget_s, **kw))
+
+    if rpc is not None:
+        event("prepare", f"checking the RPC tracker at {rpc}")
+        check_rpc(rpc, rpc_key)
+
+    event("prepare", "importing the model")
+    fused = fused_module(onnx_path, spec, dims)
+    event("prepare", "extracting tasks")
+    tasks = extract_tuning_tasks(fused, spec)
+    del fused
+    if not tasks:
+        raise EdgeccError(f"'{Path(onnx_path).name}' has no kernels to tune", "nothing to do: build it directly")
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = spec.tvm()
+    database_dir = Path(database_dir).expanduser() if database_dir is not None else default_database_dir(spec)
+    database_dir.mkdir(parents=True, exist_ok=True)
+    check_database_target(spec, database_dir)
+    _write_meta(spec, database_dir)
+    records_before = count_records(database_dir)
+    database = _open_database(database_dir, allow_missing=True)
+
+    host_threads = _host_threads()
+    needs_intrinsics = any(_has_int8(t.dispatched[0]["main"]) for t in tasks)
+    per_task = max_trials_per_task or trials
+    batch = max(1, min(batch_size, trials))
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=host_threads, tree_method="auto")
+    rand = seed if seed is not None else -1
+
+    event("prepare", f"initialising {len(tasks)} task(s)")
+    states: list[_Task] = []
+    for i, task in enumerate(tasks):
+        mod = task.dispatched[0]
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=population_size)
+        ctx = _tune_context(mod, tvm_target, task.task_name, _space_generator(needs_intrinsics), strategy,
+                            host_threads, rand if rand < 0 else rand + i)
+        report = TaskReport(name=task.task_name, weight=int(task.weight))
+        state = _Task(report=report, ctx=ctx, workload=None)
+        if database.has_workload(mod):
+            state.workload = database.commit_workload(mod)
+            previous = database.get_top_k(state.workload, 64)
+            if previous:
+                best = _run_ms(previous[0].run_secs)
+                report.best_ms_before = report.best_ms = best
+                state.best_ms = best if best is not None else math.inf
+                _warm_up(cost_model, ctx, previous)
+        ctx.pre_tuning(max_trials=per_task, num_trials_per_iter=batch,
+                       design_spaces=ctx.generate_design_space(), database=database, cost_model=cost_model)
+        states.append(state)
+
+    export_dir = Path(tempfile.mkdtemp(prefix="edgecc-tune-"))
+    builder = _make_builder(spec, export_dir, shared_library=rpc is not None)
+    event("prepare", "starting the measurement worker" if rpc is None else f"connecting to {rpc} ({rpc_key})")
+    if rpc is None:
+        runner = _make_local_runner(spec.num_cores, measure_timeout_s)
+        runner_desc = f"local ({spec.num_cores} threads)"
+    else:
+        runner = _make_rpc_runner(rpc, rpc_key, measure_timeout_s)
+        runner_desc = f"rpc {rpc} key={rpc_key}"
+
+    trials_done = 0
+    stopped_by = "search exhausted"
+    per_trial_s: float | None = None  # running estimate: build + measure of one candidate
+    per_batch_s: float | None = None  # running estimate: generating one batch of candidates
+    rr = 0  # round-robin cursor for tasks never measured yet
+    try:
+        while True:
+            alive = [s for s in states if s.alive]
+            if not alive:
+                stopped_by = "search exhausted"
+                break
+            if trials_done >= trials:
+                stopped_by = "trials"
+                break
+            remaining_s = deadline - time.perf_counter()
+            if remaining_s <= (per_batch_s or 0.0) + (per_trial_s or 0.0):
+                stopped_by = "time budget"
+                break
+            state = _pick_task(alive, rr)
+            rr += 1
+            t_gen = time.perf_counter()
+            try:
+                candidates = state.ctx.generate_measure_candidates()
+            except Exception as exc:  # noqa: BLE001 - a search that crashes retires its task, not the run
+                log.warning("search for %s failed: %s", state.report.name, exc)
+                candidates = None
+            gen_s = time.perf_counter() - t_gen
+            per_batch_s = gen_s if per_batch_s is None else 0.7 * per_batch_s + 0.3 * gen_s
+            if candidates is None:
+                _retire(state)
+                continue
+            if len(candidates) == 0:
+                state.empty_batches += 1
+                if state.empty_batches >= 2:
+                    _retire(state)
+                continue
+            candidates = list(candidates)[: trials - trials_done]
+            measured, builds, results = [], [], []
+            for cand in candidates:
+                if time.perf_counter() + (per_trial_s or 0.0) > deadline:
+                    break
+                t_trial = time.perf_counter()
+                build = builder.build([ms.builder.BuilderInput(cand.sch.mod, tvm_target)])[0]
+                if build.error_msg is not None:
+                    result = ms.runner.RunnerResult(None, build.error_msg)
+                else:
+                    run_input = ms.runner.RunnerInput(build.artifact_path, tvm_target.kind.name, cand.args_info)
+                    result = runner.run([run_input])[0].result()
+                    try:
+                        os.unlink(build.artifact_path)
+                    except OSError:
+                        pass
+                measured.append(cand)
+                builds.append(build)
+                results.append(result)
+                trials_done += 1
+                state.report.trials += 1
+                ms_value = _run_ms(result.run_secs) if result.error_msg is None else None
+                if ms_value is None:
+                    state.report.errors += 1
+                elif ms_value < state.best_ms:
+                    state.best_ms = ms_value
+                    state.report.best_ms = ms_value
+                dt = time.perf_counter() - t_trial
+                per_trial_s = dt if per_trial_s is None else 0.7 * per_trial_s + 0.3 * dt
+                event("tune", f"{state.report.name}: trial {state.report.trials}",
+                      trials_done=trials_done, task=state.report.name, task_best_ms=state.report.best_ms,
+                      tasks_total=len(states))
+            if measured:
+                _commit(database, state, measured, results, tvm_target)
+                state.ctx.notify_runner_results(measured, results)
+                _update_cost_model(cost_model, state.ctx, measured, builds, results)
+            if state.report.trials >= per_task:
+                _retire(state)
+            if len(measured) < len(candidates) and trials_done < trials:
+                stopped_by = "time budget"
+                break
+    finally:
+        _shutdown_runner(runner)
+        for state in states:
+            try:
+                state.ctx.post_tuning()
+            except Exception:  # noqa: BLE001
+                pass
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+    for state in states:
+        state.report.done = not state.alive
+    report = TuneReport(
+        target=spec.name, database_dir=database_dir, tasks=[s.report for s in states], trials_done=trials_done,
+        trials_requested=trials, wall_s=round(elapsed(), 2), stopped_by=stopped_by,
+        records_before=records_before, records_after=count_records(database_dir), runner=runner_desc,
+    )
+    event("done", f"{trials_done} trial(s), stopped by {stopped_by}", trials_done=trials_done,
+          tasks_total=len(states))
+    return report
+
+
+def _pick_task(alive: list[_Task], rr: int) -> _Task:
+    """Tasks never measured first (in turn); then the one whose share of the model's latency is largest,
+    discounted by how often it was already tuned (so one big kernel cannot take every trial)."""
+    fresh = [s for s in alive if s.report.trials == 0 and s.best_ms == math.inf]
+    if fresh:
+        return fresh[rr % len(fresh)]
+
+    def score(s: _Task) -> float:
+        best = s.best_ms if s.best_ms != math.inf else 1e3
+        return s.report.weight * best / math.sqrt(1 + s.report.trials)
+
+    return max(alive, key=score)
+
+
+def _retire(state: _Task) -> None:
+    state.alive = False
+
+
+def _commit(database, state: _Task, candidates, results, target) -> None:
+    """What MetaSchedule's AddToDatabase callback does: one record per measured candidate (failures at 1e10 s)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if state.workload is None:
+        state.workload = database.commit_workload(state.ctx.mod)
+    for cand, result in zip(candidates, results):
+        run_secs = result.run_secs if result.run_secs is not None else [1e10]
+        database.commit_tuning_record(ms.database.TuningRecord(
+            trace=cand.sch.trace, workload=state.workload, run_secs=[float(s) for s in run_secs],
+            target=target, args_info=cand.args_info))
+
+
+def _update_cost_model(cost_model, ctx, candidates, builds, results) -> None:
+    """What MetaSchedule's UpdateCostModel callback does: learn from built candidates (runtime errors included)."""
+    keep_c, keep_r = [], []
+    for cand, build, result in zip(candidates, builds, results):
+        if build.error_msg is None and (result.error_msg is not None or
+                                        (result.run_secs is not None and sum(float(s) for s in result.run_secs) > 0)):
+            keep_c.append(cand)
+            keep_r.append(result)
+    if keep_c:
+        try:
+            cost_model.update(ctx, keep_c, keep_r)
+        except Exception as exc:  # noqa: BLE001 - a cost-model hiccup must not lose the measurements
+            log.warning("cost model update failed: %s", exc)
+
+
+def _warm_up(cost_model, ctx, records) -> None:
+    """Resume: train the cost model on the records already in the database for this task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    candidates, results = [], []
+    for record in records:
+        try:
+            candidates.append(record.as_measure_candidate())
+            results.append(ms.runner.RunnerResult([float(s) for s in record.run_secs], None))
+        except Exception:  # noqa: BLE001 - a record that no longer replays is skipped
+            continue
+    if candidates:
+        try:
+            cost_model.update(ctx, candidates, results)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("warming up the cost model failed: %s", exc)
