@@ -170,3 +170,31 @@ def test_light_cnn_with_random_weights_matches_onnxruntime(name, target, tmp_pat
         _require_emulation(target)
     reports, *_ = _build_and_verify(f"{name}-rw", tmp_path, target=target)
     _assert_all_pass(reports)
+
+
+@pytest.mark.parametrize("target", ["host", pytest.param("arm-neon", marks=pytest.mark.cross)])
+def test_builds_are_byte_identical(target, tmp_path, monkeypatch):
+    """Same model + options, different directories and times -> the same bytes in every file."""
+    import hashlib
+    import shutil
+    import time
+
+    from edgecc.targets.registry import get_target
+
+    spec = get_target(target)
+    if spec.cross_compiler and shutil.which(spec.cross_compiler) is None:
+        pytest.skip(f"{spec.cross_compiler} not installed (scripts/install.sh installs it)")
+    src = MODELS["tiny-transformer"].export(tmp_path / "src" / "t.onnx")
+    digests = []
+    for run in ("first", "second"):
+        workdir = tmp_path / run / "nested"
+        workdir.mkdir(parents=True)
+        model = workdir / "t.onnx"
+        shutil.copy(src, model)
+        monkeypatch.chdir(workdir)
+        build_artifact(model, workdir / "out", target=target)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted((workdir / "out").iterdir())})
+        time.sleep(1.1)
+    assert digests[0] == digests[1]
+    assert set(digests[0]) == {"manifest.json", "model.so", "params.bin"}
