@@ -6,14 +6,15 @@
 #
 # Idempotent: a second run installs nothing new. Cross compilers and qemu-user let edgecc build for
 # arm-neon / riscv64-rvv and run those artifacts here; the aarch64 TVM runtime comes from the aarch64
-# apache-tvm wheel (fetched from PyPI once, at install time, into ~/.cache/edgecc).
+# apache-tvm wheel (fetched from PyPI once, at install time, into ~/.cache/edgecc), the riscv64 one is
+# cross-compiled once from the runtime sources in the x86 wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-debs=(g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user)
+debs=(g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user cmake ninja-build)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -33,4 +34,6 @@ echo "edgecc install: pip install -e .${extras}" >&2
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e ".${extras}"
 python3 -c "import edgecc, tvm, onnxruntime" # fail loudly if the install did not take
 
-python3 -m edgecc.runtime_bridge.cross_runtime aarch64
+# TVM runtimes for running cross artifacts under qemu: aarch64 from its wheel (seconds); riscv64 has no wheel
+# and is cross-built from the runtime sources the x86 wheel ships (about 6 minutes, once: it is cached).
+python3 -m edgecc.runtime_bridge.cross_runtime aarch64 riscv64

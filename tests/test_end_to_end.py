@@ -136,7 +136,7 @@ def _require_emulation(target: str):
 
 
 @pytest.mark.cross
-@pytest.mark.parametrize("target", ["arm-neon", "arm-dotprod"])
+@pytest.mark.parametrize("target", ["arm-neon", "arm-dotprod", "arm-i8mm", "riscv64-rvv"])
 @pytest.mark.parametrize("name", ["tiny-mlp", "tiny-cnn", "tiny-transformer"])
 def test_synthetic_models_under_qemu_match_onnxruntime(name, target, tmp_path):
     _require_emulation(target)

@@ -91,7 +91,7 @@ class ToolchainStatus:
 
 _AARCH64_QEMU = ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu")
 _AARCH64_DEBS = ("g++-aarch64-linux-gnu", "qemu-user")
-_RISCV_QEMU = ("qemu-riscv64", "-cpu", "rv64,v=true,vlen=128", "-L", "/usr/riscv64-linux-gnu")
+_RISCV_QEMU = ("qemu-riscv64", "-cpu", "rv64,v=true,vlen=128,vext_spec=v1.0", "-L", "/usr/riscv64-linux-gnu")
 _RISCV_DEBS = ("g++-riscv64-linux-gnu", "qemu-user")
 _NEON_MNEMONICS = ("fmla", "ld1", "ldr\tq", "ldp\tq")
 
