@@ -11,6 +11,8 @@ Names: ``minilm`` (seq 128, static), ``minilm-seq<N>`` for a few other static le
 synthetic ``tiny-transformer``, ``tiny-cnn``, ``tiny-mlp``; and one entry per light model in the installed onnx
 wheel (``resnet50``, ``densenet121``, ``inception-v1``, ...), copied as shipped (constant 0.02 weights).
 ``<zoo name>-rw`` writes the same graph with seeded random weights (meaningful numeric comparisons).
+``gpt-prefill`` / ``gpt-decode``: a GPT-2-style decoder with random weights (edgecc.models.gpt), prefill of 128
+tokens and one decode step on a 128-long KV cache; ``tiny-gpt-prefill`` / ``tiny-gpt-decode`` (length 16) for tests.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgecc.models import cnn_zoo, minilm, synthetic
+from edgecc.models import cnn_zoo, gpt, minilm, synthetic
 
 Feeds = dict[str, np.ndarray]
 
@@ -118,7 +120,30 @@ def _zoo_entries() -> dict[str, ModelEntry]:
     return entries
 
 
-MODELS: dict[str, ModelEntry] = {**_synthetic_entries(), **_minilm_entries(), **_zoo_entries()}
+def _gpt_entries() -> dict[str, ModelEntry]:
+    entries = {}
+    for prefix, cfg, n, tags in (("", gpt.GPT_SMALL6, 128, ("slow",)), ("tiny-", gpt.GPT_TINY, 16, ())):
+        size = f"{cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, vocab {cfg.vocab}"
+        entries[f"{prefix}gpt-prefill"] = ModelEntry(
+            f"{prefix}gpt-prefill",
+            f"GPT-2-style decoder ({size}, random weights), prefill: input_ids [1,{n}] -> logits + present KV",
+            partial(gpt.export_gpt_prefill, seq_len=n, cfg=cfg),
+            partial(gpt.prefill_feeds, n, cfg),
+            "transformer",
+            tags,
+        )
+        entries[f"{prefix}gpt-decode"] = ModelEntry(
+            f"{prefix}gpt-decode",
+            f"GPT-2-style decoder ({size}, random weights), one decode step on past KV of length {n}",
+            partial(gpt.export_gpt_decode, past_len=n, cfg=cfg),
+            partial(gpt.decode_feeds, n, cfg),
+            "transformer",
+            tags,
+        )
+    return entries
+
+
+MODELS: dict[str, ModelEntry] = {**_synthetic_entries(), **_minilm_entries(), **_gpt_entries(), **_zoo_entries()}
 
 
 def get(name: str) -> ModelEntry:
