@@ -341,7 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="host", help="edgecc target (default host; timings only mean much there)")
     ap.add_argument("--iters", type=int, default=50, help="timed calls per runtime")
     ap.add_argument("--warmup", type=int, default=5, help="untimed calls per runtime first")
-    ap.add_argument("--pause", type=float, default=0.05, help="seconds between calls (lets spinning pools settle)")
+    ap.add_argument("--pause", type=float, default=0.2,
+                    help="seconds between calls (lets onnxruntime's spinning workers settle; 0.05 was too short)")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS for edgecc/tvm (default: cores)")
     ap.add_argument("--runtimes", default="edgecc,onnxruntime", help="comma list of: " + ", ".join(RUNNERS))
     ap.add_argument("--artifact", help="reuse an already built edgecc artifact directory (skip the build)")

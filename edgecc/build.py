@@ -89,14 +89,25 @@ def build_artifact(
     force: bool = False,
     schedules: bool = True,
     progress: Progress | None = None,
+    tuning_db: str | Path | None = None,
+    quantize: str | None = None,
+    emit: str = "shared",
+    embed_params: bool = False,
 ) -> BuildResult:
-    """Compile `onnx_path` for `target` into `out_dir` (see module docstring for the stages)."""
+    """Compile `onnx_path` for `target` into `out_dir` (see module docstring for the stages).
+
+    `tuning_db`: a MetaSchedule database from `edgecc tune` (default: the target's own database, when it
+    has records); its tuned kernels replace the default schedules where the fused function matches.
+    """
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     spec = get_target(target)
     art.check_output_dir(out_dir, force)
     require_build_tools(spec)
+    from edgecc.runtime_bridge import firmware  # --emit / --embed-params: docs/firmware.md
+
+    firmware.check_options(spec, emit, embed_params)
 
     @contextlib.contextmanager
     def stage(name: str):
@@ -129,13 +140,25 @@ def build_artifact(
             raise RuntimeError(f"weight transform produced {len(weights)} tensors for {len(weight_names)} params")
         named_weights = list(zip(weight_names, weights))
 
+    compression = {"scheme": "none", "annotated_ops": []}
+    if quantize:  # a scheme ("w4g32") or a recipe file: see edgecc/compress and docs/compression.md
+        with stage("compress"):
+            from edgecc.compress.quantize import compress_for_build
+
+            deploy_mod, named_weights, compression = compress_for_build(
+                deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params])
+
     with stage("lower"):
         from edgecc.ir_passes.memory_plan import module_memory
         from edgecc.ir_passes.pipeline import relax_pipeline
+        from edgecc.schedules.tuning import (count_default_faster, count_tuned_functions, database_summary,
+                                             resolve_database_dir)
 
         tvm_target = spec.tvm()
-        lowered = relax_pipeline(spec, with_schedules=schedules)(deploy_mod)
+        tuning_dir = resolve_database_dir(spec, tuning_db) if schedules else None
+        lowered = relax_pipeline(spec, with_schedules=schedules, tuning_db=tuning_db)(deploy_mod)
         memory = module_memory(lowered)
+        tuned = (count_tuned_functions(lowered), count_default_faster(lowered))
 
     with stage("codegen"):
         from tvm import relax
@@ -165,8 +188,8 @@ def build_artifact(
                 "plugin": spec.plugin,
             },
             "params": [{"name": n, "dtype": str(w.dtype), "shape": list(w.shape)} for n, w in named_weights],
-            "compression": {"scheme": "none", "annotated_ops": []},
-            "schedules": {"enabled": schedules},
+            "compression": compression,
+            "schedules": {"enabled": schedules, "tuning_db": database_summary(tuning_dir, *tuned)},
             "memory": {
                 "weights_bytes": weights_bytes,
                 "arena_bytes": arena,
@@ -179,5 +202,8 @@ def build_artifact(
                 for name in (art.LIBRARY, art.PARAMS)
             },
         }
+        with stage("firmware"):
+            manifest.update(firmware.package(tmp, manifest, spec=spec, emit=emit, embed_params=embed_params,
+                                             lowered=lowered, tvm_target=tvm_target))
         art.write_manifest(tmp, manifest)
     return BuildResult(out_dir, manifest, timings)

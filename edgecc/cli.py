@@ -114,8 +114,17 @@ class _StageProgress:
               help="Size of a symbolic input dim for this build, e.g. --dim batch=1 --dim sequence=128.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--no-schedules", is_flag=True, help="Skip edgecc's default schedules (TVM's naive loops).")
+@click.option("--db", "tuning_db", default=None, type=click.Path(path_type=Path),
+              help="Tuning database from `edgecc tune --db` (default: the target's own database, if tuned).")
+@click.option("--quantize", "quantize", default=None, metavar="SCHEME|RECIPE",
+              help="Quantize matmul weights: a scheme (w8, w8a8, w4g32, w4g128-asym, w3g64) or a recipe file "
+                   "(docs/compression.md).")
+@click.option("--emit", type=click.Choice(["shared", "static"]), default="shared", show_default=True,
+              help="Firmware deliverable: 'static' adds lib/libedgecc_model.a + runtime libs (docs/firmware.md).")
+@click.option("--embed-params", is_flag=True, help="Link the weights into libedgecc_model.a (--emit static).")
 @user_errors
-def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force: bool, no_schedules: bool):
+def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force: bool, no_schedules: bool,
+          tuning_db: Path | None, quantize: str | None, emit: str = "shared", embed_params: bool = False):
     """Compile an ONNX MODEL for a target into an artifact directory.
 
     The artifact holds model.so (compiled for the target's CPU), params.bin (weights) and manifest.json
@@ -126,13 +135,18 @@ def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force:
     from edgecc.frontend.signature import parse_dim_bindings
 
     bindings = parse_dim_bindings(dims)
+    if quantize:
+        from edgecc.compress.recipe import load_recipe
+
+        load_recipe(quantize)  # a bad scheme or recipe file fails now, before any work
     err.print(f"building [bold]{model.name}[/] for [bold]{target}[/] -> {out_dir}")
     progress = _StageProgress(err)
     t0 = time.perf_counter()
     ok = False
     try:
         result = build_artifact(model, out_dir, target=target, dims=bindings, force=force,
-                                schedules=not no_schedules, progress=progress)
+                                schedules=not no_schedules, progress=progress, quantize=quantize,
+                                emit=emit, embed_params=embed_params, tuning_db=tuning_db)
         ok = True
     finally:
         progress.close(ok)
@@ -258,6 +272,22 @@ def inspect(path: Path, as_json: bool):
         out.print("[green]all ops can be imported[/]")
 
 
+def _print_annotated_ops(comp: dict):
+    table = Table(title="compressed ops")
+    for col in ("weight", "op", "scheme", "bits", "group", "sym", "storage", "in x out", "bytes", "packed"):
+        table.add_column(col, justify="right" if col in ("bits", "group", "bytes", "packed") else "left")
+    for op in comp["annotated_ops"]:
+        table.add_row(escape(op["name"]), op.get("op", "?"), op["scheme"], str(op["bits"]),
+                      "channel" if op["group_size"] < 0 else str(op["group_size"]),
+                      "yes" if op["symmetric"] else "no", op["storage"],
+                      f"{op['in_features']} x {op['out_features']}",
+                      _fmt_bytes(op["orig_bytes"]), _fmt_bytes(op["packed_bytes"]))
+    out.print(table)
+    ratio = comp["orig_bytes"] / max(1, comp["packed_bytes"])
+    out.print(f"compressed weights: {_fmt_bytes(comp['orig_bytes'])} -> {_fmt_bytes(comp['packed_bytes'])} "
+              f"({ratio:.1f}x); {len(comp.get('skipped', []))} matmul weight(s) kept float")
+
+
 def _inspect_artifact(path: Path, as_json: bool):
     from edgecc.runtime_bridge.artifact import read_manifest
 
@@ -280,6 +310,8 @@ def _inspect_artifact(path: Path, as_json: bool):
     out.print(table)
     comp = manifest["compression"]
     out.print(f"compression: {comp['scheme']} ({len(comp['annotated_ops'])} annotated ops)")
+    if comp["annotated_ops"]:
+        _print_annotated_ops(comp)
     out.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
 
 
@@ -346,5 +378,7 @@ def models_export(name: str, out_path: Path):
     out.print(f"wrote {out_path} ({_fmt_bytes(out_path.stat().st_size)})")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+from edgecc.cli_tune import tune  # noqa: E402 - registered last: it imports this module's helpers
+main.add_command(tune)
+from edgecc.cli_validate import validate  # noqa: E402 - registered last: it imports this module's helpers
+main.add_command(validate)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TVM_NUM_THREADS", "1")  # tests run in parallel workers; keep each to one thread
+# Builds pick up the target's tuning database automatically; tests must not depend on what a developer
+# tuned on this machine, so they get an empty one (tuning tests set their own).
+os.environ["EDGECC_TUNING_DIR"] = tempfile.mkdtemp(prefix="edgecc-test-tuning-")
 
 
 @pytest.fixture(scope="session")

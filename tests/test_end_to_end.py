@@ -162,9 +162,14 @@ LIGHT_CNNS = ["resnet50", "densenet121", "inception-v1", "inception-v2", "alexne
               "vgg19", "zfnet512"]
 
 
+# VGG-19 (20 GFLOP per image) takes 5-12 minutes under qemu-aarch64 on this machine: host only. The other
+# eight cover the same op families on arm-neon.
+LIGHT_CNN_CASES = [(n, "host") for n in LIGHT_CNNS] + [
+    pytest.param(n, "arm-neon", marks=pytest.mark.cross) for n in LIGHT_CNNS if n != "vgg19"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["host", pytest.param("arm-neon", marks=pytest.mark.cross)])
-@pytest.mark.parametrize("name", LIGHT_CNNS)
+@pytest.mark.parametrize("name,target", LIGHT_CNN_CASES)
 def test_light_cnn_with_random_weights_matches_onnxruntime(name, target, tmp_path):
     if target != "host":
         _require_emulation(target)
@@ -193,8 +198,8 @@ def test_builds_are_byte_identical(target, tmp_path, monkeypatch):
         shutil.copy(src, model)
         monkeypatch.chdir(workdir)
         build_artifact(model, workdir / "out", target=target)
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted((workdir / "out").iterdir())})
+        digests.append({str(p.relative_to(workdir / "out")): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted((workdir / "out").rglob("*")) if p.is_file()})
         time.sleep(1.1)
     assert digests[0] == digests[1]
-    assert set(digests[0]) == {"manifest.json", "model.so", "params.bin"}
+    assert {"manifest.json", "model.so", "params.bin"} <= set(digests[0])

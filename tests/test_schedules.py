@@ -276,3 +276,97 @@ def test_arm_neon_build_compiles(tmp_path):
     path = tmp_path / "model.so"
     ex.export_library(str(path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+# ---------------------------------------------------------------------------------------------------
+# panel packing, padded conv input, row tiles, GEMV widths (profile-driven changes)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _blocks_under_parallel(func) -> list[set]:
+    """For every parallel loop of `func`: the names of the blocks inside it."""
+    import tvm_ffi
+    from tvm import s_tir
+
+    out = []
+
+    def visit(loop):
+        if int(loop.kind) == int(tirx.ForKind.PARALLEL):
+            names = set()
+            tvm_ffi.structural_walk(loop.body, (s_tir.SBlock, lambda b: names.add(b.name_hint)), order="pre")
+            out.append(names)
+
+    tvm_ffi.structural_walk(func.body, (tirx.For, visit), order="pre")
+    return out
+
+
+@pytest.mark.parametrize("m,k,n", [(20, 33, 544), (37, 19, 520), (17, 70, 1000)])
+def test_dense_weight_packed_per_panel(m, k, n):
+    # rows of >= 2 KiB are packed, and with >= 8 panels each panel is packed under the parallel panel loop
+    # (n = 520, 1000: not multiples of the tile, the packed panel is zero-padded)
+    mod = _module([("x", (m, k)), ("w", (k, n))], lambda bb, x, w: R.matmul(x, w))
+    sched = _check(mod, [_rand(m, k), _rand(k, n)], lambda x, w: x @ w, "matmul")
+    (func,) = [f for _, f in sched.functions_items() if isinstance(f, tirx.PrimFunc)]
+    groups = _blocks_under_parallel(func)
+    pack = [g for g in groups if any(name.startswith("w_") for name in g)]
+    assert pack and any("matmul_update" in g for g in pack), groups  # pack and micro-kernel share the loop
+
+
+def test_dense_packed_with_epilogue_numerics():
+    m, k, n = 23, 41, 528
+    mod = _module([("x", (m, k)), ("w", (k, n)), ("b", (n,)), ("r", (m, n))],
+                  lambda bb, x, w, b, r: R.add(bb.emit(R.add(bb.emit(R.matmul(x, w)), b)), r))
+    _check(mod, [_rand(m, k), _rand(k, n), _rand(n), _rand(m, n)], lambda x, w, b, r: x @ w + b + r, "matmul")
+
+
+def _conv_ref64(x, w, stride, pad):
+    """NCHW conv2d in float64 with numpy (im2col)."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, f, oh, ow))
+    for ry in range(kh):
+        for rx in range(kw):
+            patch = xp[:, :, ry:ry + stride * oh:stride, rx:rx + stride * ow:stride]
+            out += np.einsum("nchw,fc->nfhw", patch, w[:, :, ry, rx])
+    return out
+
+
+@pytest.mark.parametrize("c,h,w,f,kh,stride,pad", [
+    (5, 14, 14, 48, 3, 1, 1),  # width 14: 7-row tiles, no partial tile
+    (3, 15, 17, 32, 7, 2, 3),  # a 7x7 stride-2 stem on odd sizes
+    (9, 7, 7, 64, 3, 1, 1),  # width 7
+    (6, 11, 13, 40, 3, 2, 1),  # 40 channels: padded vector tile, strided
+    (16, 30, 30, 64, 1, 1, 0),  # 1x1, input larger than the weight: input rows outermost
+    (8, 20, 20, 272, 1, 2, 0),  # 1x1 stride 2, 17 panels but input larger: packed up front, input outer
+])
+def test_conv2d_padded_input_stays_separate(c, h, w, f, kh, stride, pad):
+    mod = _module([("x", (1, c, h, w)), ("k", (f, c, kh, kh))],
+                  lambda bb, x, k: R.nn.conv2d(x, k, strides=stride, padding=pad))
+    sched = _check(mod, [_rand(1, c, h, w), _rand(f, c, kh, kh)],
+                   lambda x, k: _conv_ref64(x, k, stride, pad), "conv2d", rtol=1e-4, atol=1e-4)
+    (func,) = [f_ for _, f_ in sched.functions_items() if isinstance(f_, tirx.PrimFunc)]
+    import tvm_ffi
+    from tvm import s_tir
+
+    updates = []
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, lambda b: updates.append(b) if b.name_hint.endswith(
+        "_update") else None), order="pre")
+    assert updates and all("if_then_else" not in u.body.script() for u in updates)  # no bounds checks inside
+
+
+def test_choose_row_tile():
+    from edgecc.schedules.contraction import choose_row_tile
+
+    assert [choose_row_tile(m, 8) for m in (14, 7, 28, 56, 112, 128, 3, 13, 1)] == [7, 7, 7, 8, 8, 8, 3, 8, 1]
+    assert choose_row_tile(10, 6) == 5 and choose_row_tile(11, 6) == 6
+
+
+@pytest.mark.parametrize("k,n", [(70, 120), (33, 1000)])
+def test_gemv_odd_width_not_padded(k, n):
+    mod = _module([("x", (1, k)), ("w", (k, n)), ("b", (n,))],
+                  lambda bb, x, w, b: R.add(bb.emit(R.matmul(x, w)), b))
+    sched = _check(mod, [_rand(1, k), _rand(k, n), _rand(n)], lambda x, w, b: x @ w + b, "matmul")
+    (func,) = [f for _, f in sched.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert "w_pad" not in func.script()  # a memory-bound GEMV does not copy its matrix

@@ -1,1 +1,3 @@
-"""Post-training compression (quantization, sparsity, low rank). Not implemented yet: see the issue tracker."""
+"""Post-training compression. Quantization: `schemes` (what "w4g32" means), `rtn` (round-to-nearest +
+bit packing), `recipe` (which layer gets which scheme), `quantize` (the Relax rewrite pass used by
+`edgecc build --quantize`). Sparsity and low rank: not yet. Design: docs/compression.md."""

@@ -13,11 +13,13 @@ from google.protobuf.message import DecodeError
 
 from edgecc.errors import EdgeccError
 
-# The opsets TVM 0.27's importer has converters for. Older models are upgraded to OPSET_MIN, which every
-# converter handles; newer ones are tried as they are.
+# Older models are upgraded to OPSET_UPGRADE_TO, which every converter handles. Up to the newest opset the
+# installed onnx knows, a model is accepted: each converter picks its newest version at or below the model's
+# opset, and an op whose semantics changed later than any converter version is reported per node by
+# op_support.find_unsupported, before import.
 OPSET_MIN = 7
 OPSET_UPGRADE_TO = 13
-OPSET_MAX = 23
+OPSET_MAX = onnx.defs.onnx_opset_version()
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -19,14 +19,18 @@ def supported_ops() -> set[str]:
     """Op types with a converter in TVM's importer (edgecc's own converters extend this set)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    return set(_get_convert_map()) | _DIRECT
+    from edgecc.frontend.converters import op_types
+
+    return set(_get_convert_map()) | _DIRECT | op_types()
 
 
 def _has_converter_for(op_type: str, opset: int) -> bool:
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+    from edgecc.frontend.converters import op_types
+
     convert_map = _get_convert_map()
-    if op_type in _DIRECT:
+    if op_type in _DIRECT or op_type in op_types():
         return True
     if op_type not in convert_map:
         return False

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecc.models.onnx_io import canonicalize
+
 OPSET = 17
 PRODUCER = "edgecc.models.gpt"
 
@@ -239,20 +241,6 @@ def _check_len(name: str, value: int, cfg: GPTConfig, extra: int) -> None:
         raise ValueError(f"{name} must be an int in [1, {cfg.max_positions - extra}], got {value!r}")
 
 
-def _canonicalize(path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    model.producer_name = PRODUCER
-    model.producer_version = "1"
-    model.doc_string = ""
-    model.graph.doc_string = ""
-    for node in model.graph.node:
-        node.doc_string = ""
-    del model.metadata_props[:]
-    onnx.save_model(model, str(path))
-
-
 def _export(module, example, path: Path, io) -> Path:
     torch = _torch()
     path = Path(path)
@@ -262,7 +250,7 @@ def _export(module, example, path: Path, io) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=inputs, output_names=outputs,
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    _canonicalize(path)
+    canonicalize(path, PRODUCER)
     return path
 
 

@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edgecc.models.onnx_io import canonicalize
+
 HIDDEN_SIZE = 384
 MAX_POSITIONS = 512
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -130,24 +132,12 @@ def _check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len must be an int in [1, {MAX_POSITIONS}], got {seq_len!r}")
 
 
-def _canonicalize(path: Path) -> None:
-    """Rewrite the saved model with fixed metadata so every export is byte-identical."""
-    import onnx
-
-    model = onnx.load(str(path))
-    model.producer_name = PRODUCER
-    model.producer_version = "1"
-    model.doc_string = ""
-    model.graph.doc_string = ""
-    for node in model.graph.node:
-        node.doc_string = ""
-    del model.metadata_props[:]
-    # Name the output dims the exporter left anonymous (e.g. "Divsentence_embedding_dim_1" when dynamic).
+def _fix_hidden_dim(model) -> None:
+    """Name the output dims the exporter left anonymous (e.g. "Divsentence_embedding_dim_1" when dynamic)."""
     for out in model.graph.output:
         dims = out.type.tensor_type.shape.dim
         if dims and dims[-1].HasField("dim_param"):
             dims[-1].dim_value = HIDDEN_SIZE
-    onnx.save_model(model, str(path))
 
 
 def export_minilm(path, seq_len: int = 128, dynamic: bool = False, exporter: str = "legacy") -> Path:
@@ -199,7 +189,7 @@ def export_minilm(path, seq_len: int = 128, dynamic: bool = False, exporter: str
         else:
             program = torch.onnx.export(wrapper, (ids, mask), dynamo=True, optimize=True, **kwargs)
             program.save(str(path))
-    _canonicalize(path)
+    canonicalize(path, PRODUCER, _fix_hidden_dim)
     return path
 
 

@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgecc.models.onnx_io import canonicalize
+
 OPSET = 17
 PRODUCER = "edgecc.models.synthetic"
 
@@ -229,20 +231,6 @@ def torch_outputs(name: str, feeds: dict[str, np.ndarray], seed: int = 0) -> dic
     return {n: o.numpy() for n, o in zip(spec.output_names, outs)}
 
 
-def _canonicalize(path: Path, producer: str) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    model.producer_name = producer
-    model.producer_version = "1"
-    model.doc_string = ""
-    model.graph.doc_string = ""
-    for node in model.graph.node:
-        node.doc_string = ""
-    del model.metadata_props[:]
-    onnx.save_model(model, str(path))
-
-
 def export(name: str, path, seed: int = 0) -> Path:
     """Export synthetic model `name` with weights from `seed` to `path` (static shapes, opset 17)."""
     torch = _torch()
@@ -263,7 +251,7 @@ def export(name: str, path, seed: int = 0) -> Path:
             dynamo=False,
             do_constant_folding=spec.fold_constants,
         )
-    _canonicalize(path, PRODUCER)
+    canonicalize(path, PRODUCER)
     return path
 
 

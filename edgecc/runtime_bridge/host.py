@@ -100,7 +100,7 @@ class LoadedArtifact:
 
     def _load_native(self):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: runs on a runtime-only TVM too
 
         if self.device == "cuda":
             dev = tvm.cuda(0)
@@ -117,7 +117,7 @@ class LoadedArtifact:
             dev = tvm.cpu()
             set_num_threads(self.num_threads)
         lib = tvm.runtime.load_module(str(self.dir / art.LIBRARY))
-        self._vm = relax.VirtualMachine(lib, dev)
+        self._vm = VirtualMachine(lib, dev)
         self._dev = dev
         self._weights = [tvm.runtime.tensor(w, dev) for _, w in read_params(self.dir / art.PARAMS)]
 

@@ -147,6 +147,18 @@ def loads_in(expr) -> list:
     return found
 
 
+def has_if_then_else(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block's body selects with `if_then_else` (padding, masks)."""
+    found = []
+
+    def _visit(call):
+        if "if_then_else" in str(getattr(call.op, "name", "")):
+            found.append(call)
+
+    tvm_ffi.structural_walk(sch.get(block).body, (CallNode, _visit), order="pre")
+    return bool(found)
+
+
 def root_block(sch: s_tir.Schedule) -> s_tir.schedule.SBlockRV:
     return sch.get_sblock("root")
 

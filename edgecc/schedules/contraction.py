@@ -14,10 +14,21 @@ S, whose elements are broadcast. The micro-kernel keeps an `mr x nr` tile of C i
         C/epilogue[tile] = f(acc)                 # epilogue fused at the tile, vectorized
 
 Matmul: v = the column j of B, r = the row i of A. Conv2d NCHW: v = the output channel (V = the weight,
-packed), r = the output column (S = the input window). When V's rows are long the kernel first packs V
-into `[.., v // nr, k.., nr]` (one contiguous panel per tile column; for a weight given as [N, K] this
-is the transpose too). A vector axis whose extent is not a multiple of the tile is padded (`pad_einsum`);
-the padded result is then copied/epilogued by a separate vectorized elementwise stage.
+packed), r = the output column (S = the input window). When V's rows are at least `pack_min_stride_bytes`
+long (or V is not contiguous along v) the kernel packs V into `[.., v // nr, k.., nr]` (one contiguous
+panel per tile column; for a weight given as [N, K] this is the transpose too): without it, rows whose
+stride is a multiple of 4 KiB (GPT's 3072/2304-wide weights) map every k to the same cache sets and the
+kernel ran at 15-40 GFLOP/s instead of ~150. With at least `min_parallel_tasks` panels, each panel is
+packed inside the parallel panel loop right before its tiles (read once, consumed from cache, one
+panel-sized buffer per task); otherwise all of V is packed first. A vector axis whose extent is not a
+multiple of the tile is padded (`pad_einsum`, the padded panel packed the same way); the padded result is
+then copied/epilogued by a separate vectorized elementwise stage. A GEMV pads nothing: it takes a tile of
+whole half-vectors that divides the axis (memory-bound; padding would copy the matrix on every call).
+
+Row tiles: `mr`, or a divisor of the row extent down to mr/2 + 1 (conv widths 7/14/28 take 7 rows: no
+predicated partial tile). When the output's contiguous axis is the row axis (conv NCHW), the epilogue runs
+vectorized along it. A convolution's zero-padded input stays a separate stage (never inlined into the
+micro-kernel, where it put a bounds check on every broadcast: 3x3 convs ran 3-4x slower).
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ class Contraction:
     dtype_bits: int = 32
     v_last_is_v: bool = True  # V's innermost dim is the vector axis (vector loads are contiguous)
     v_row_elems: int = 0  # elements of V's innermost dimension (its row stride)
+    v_elems: int = 0  # elements of the V and S buffers (which operand is worth keeping in cache)
+    s_elems: int = 0
 
 
 def _plain(expr) -> bool:
@@ -176,7 +189,18 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
         dtype_bits=_dtype_bits(out.dtype),
         v_last_is_v=vload.indices[-1].same_as(v_var),
         v_row_elems=int(vload.source.shape[-1]) if isinstance(vload.source.shape[-1], tirx.IntImm) else 0,
+        v_elems=_elems(vload.source),
+        s_elems=_elems(sload.source),
     )
+
+
+def _elems(buf) -> int:
+    n = 1
+    for d in buf.shape:
+        if not isinstance(d, tirx.IntImm):
+            return 0
+        n *= int(d)
+    return n
 
 
 def _dtype_bits(dtype) -> int:
@@ -191,6 +215,17 @@ def choose_tile_width(n: int, nr: int, lanes: int) -> tuple[int, bool]:
     if n < nr:
         return ((n + lanes - 1) // lanes) * lanes, True
     return nr, True
+
+
+def choose_row_tile(m: int, mr: int) -> int:
+    """Rows of the register tile: `mr`, or a slightly smaller divisor of `m` (down to mr/2 + 1) so that no
+    tile is partial (conv output widths 7, 14, 28 take 7 rows: no predicated tail tile)."""
+    if m <= mr:
+        return m
+    for rows in range(mr, mr // 2, -1):
+        if m % rows == 0:
+            return rows
+    return mr
 
 
 def _index_map(ndim: int, fn, dtype: str):
@@ -216,6 +251,13 @@ def schedule(
     gemv = c.m_total <= params.gemv_max_rows
     nr_target = params.gemv_nr(c.dtype_bits) if gemv else params.nr(c.dtype_bits)
     nr, pad = choose_tile_width(n_ext, nr_target, lanes)
+    if pad and gemv:
+        # a matrix-vector product is memory-bound: padding would copy the whole matrix on every call, so
+        # take a tile of whole half-vectors that divides the axis instead (1000 -> 40 = 2.5 vectors)
+        half = max(1, lanes // 2)
+        fits = [w for w in range(nr_target, half - 1, -half) if n_ext % w == 0]
+        if fits:
+            nr, pad = fits[0], False
     if pad and not (allow_pad and c.v_packable and c.s_plain):
         # pad_einsum needs plain indices everywhere: try half / quarter vectors instead
         narrow = [w for w in (lanes // 2, lanes // 4) if w >= 4 and n_ext % w == 0]
@@ -224,7 +266,7 @@ def schedule(
         nr, pad = narrow[0], False
     if gemv and not c.v_last_is_v:
         raise ValueError("matrix-vector product with a transposed matrix: not this template")
-    mr = min(params.mr, c.extents[c.r_var]) if c.r_var is not None else 1
+    mr = choose_row_tile(c.extents[c.r_var], params.mr) if c.r_var is not None else 1
     if gemv and c.r_var is not None:
         mr = c.extents[c.r_var]
     row_bytes = c.v_row_elems * c.dtype_bits // 8
@@ -234,8 +276,16 @@ def schedule(
     intermediates = base.intermediate_buffers(sch)
     out_is_param = not any(b.same_as(c.out_buffer) for b in intermediates)
 
-    # 1. pad the vector axis, pack V into [.., v // nr, k.., nr] panels
+    # 1. pad the vector axis, pack V into [.., v // nr, k.., nr] panels. With enough panels to share out
+    # among the cores, each panel is packed right before the tiles that use it (under the parallel panel
+    # loop: read once, consumed from cache, and the buffer shrinks to one panel per task); otherwise (few
+    # panels, or V is the smaller operand: a conv's weight next to a large input) the whole of V is packed
+    # first, in its own parallel loop
     pack_block = None
+    panels = -(-n_ext // nr)
+    for x in c.batch_v:
+        panels *= c.extents[x]
+    pack_at_panel = panels >= params.min_parallel_tasks and c.v_elems >= c.s_elems
     if pad:
         iters = sch.get(block).iter_vars
         sch.pad_einsum(block, [nr if iv.var.same_as(c.v_var) else 1 for iv in iters])
@@ -260,7 +310,8 @@ def schedule(
                     + [idx[d] for d in k_dims] + [tirx.floormod(idx[v_dim], width)])
 
         sch.transform_layout(pack_block, ("write", 0), _index_map(ndim, _pack_map, _buffer_index_dtype(v_buf)))
-        _schedule_pack(sch, pack_block, dims, nr, lanes, params)
+        if not pack_at_panel:
+            _schedule_pack(sch, pack_block, dims, nr, lanes, params)
 
     # 2. tile the reduction block
     lp = base.loop_of_iter(sch, block)
@@ -275,6 +326,11 @@ def schedule(
             ro = lp[c.r_var]
     outer = [lp[x] for x in c.batch_v if lp[x] is not None] + [vo]
     outer += [lp[x] for x in c.batch_s if lp[x] is not None]
+    if not (pack_block is not None and pack_at_panel) and c.s_elems > c.v_elems:
+        # S (a conv's input) is the big operand: walk it once, all tile columns of V (the small packed
+        # weight, cache-resident) inside each of its rows, instead of re-reading all of S per column
+        outer = ([lp[x] for x in c.batch_v if lp[x] is not None]
+                 + [lp[x] for x in c.batch_s if lp[x] is not None] + [vo])
     if ro is not None:
         outer.append(ro)
     reds = [lp[k] for k in c.red_vars if lp[k] is not None]
@@ -304,17 +360,34 @@ def schedule(
         tile_blocks.append(acc_write)
 
     # 4. parallel over the tiles (before decompose_reduction: parallel needs the reduction block whole)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if (base.const_extent(sch, fused) or 0) > 1:
+    n_panel_loops = len([x for x in c.batch_v if lp[x] is not None]) + 1
+    if pack_block is not None and pack_at_panel:
+        panel_loops, rest = outer[:n_panel_loops], outer[n_panel_loops:]
+        fused = sch.fuse(*panel_loops) if len(panel_loops) > 1 else panel_loops[0]
         sch.parallel(fused)
+        if len(rest) > 1:
+            sch.fuse(*rest)
+        outer_levels = 2 if rest else 1
+        sch.compute_at(pack_block, fused, preserve_unit_loops=True)
+        _schedule_panel_pack(sch, pack_block, c.v_dims, nr, lanes)
+    else:
+        outer_levels = 1
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if (base.const_extent(sch, fused) or 0) > 1:
+            sch.parallel(fused)
 
     # 5. vectorize / unroll the micro-kernel, split off the accumulator init
     sch.vectorize(vi)
     if ri is not None:
         sch.unroll(ri)
     for blk in tile_blocks:
-        tile_part = sch.get_loops(blk)[1:]
+        tile_part = sch.get_loops(blk)[outer_levels:]
         if tile_part and c.out_v_dim == len(tile_part) - 1 and base.const_extent(sch, tile_part[-1]) == nr:
+            sch.vectorize(tile_part[-1])
+        elif (tile_part and c.r_var is not None and mr in _VECTOR_ROWS and base.const_extent(sch, tile_part[-1]) == mr
+              and _writes_last_dim(sch, blk, tile_part[-1])):
+            # the output's contiguous axis is the row axis (conv NCHW: x): the epilogue (scale, shift,
+            # residual, ReLU) and the store run along it as vectors instead of one scalar per element
             sch.vectorize(tile_part[-1])
     if reds:
         init = sch.decompose_reduction(block, reds[0])
@@ -323,7 +396,10 @@ def schedule(
     # 6. whatever is left at the root (pad copies, epilogues that could not be fused) is elementwise
     done = {sch.get(block).name_hint} | ({sch.get(pack_block).name_hint} if pack_block is not None else set())
     leftovers = [blk for blk in base.top_blocks(sch) if sch.get(blk).name_hint not in done]
-    rest = base.try_inline_all(sch, leftovers)
+    # a padded input (if_then_else: the conv's zero border) stays its own stage: inlined, it would put a
+    # bounds check on every broadcast of the micro-kernel
+    kept = [blk for blk in leftovers if base.has_if_then_else(sch, blk)]
+    rest = base.try_inline_all(sch, [b for b in leftovers if b not in kept]) + kept
     from edgecc.schedules.elementwise import schedule_spatial_block
 
     for blk in rest:
@@ -332,6 +408,40 @@ def schedule(
             if loops and sch.get(loops[0]).kind != tirx.ForKind.PARALLEL:
                 schedule_spatial_block(sch, blk, params)
     return sch
+
+
+_VECTOR_ROWS = (4, 5, 6, 7, 8, 16)  # row tiles whose epilogue is vectorized along the row axis
+
+
+def _writes_last_dim(sch, blk, loop) -> bool:
+    """Whether `loop` drives the last (contiguous) index of the buffer `blk` writes."""
+    stmt = sch.get(blk)
+    if len(stmt.writes) != 1:
+        return False
+    loop_var = sch.get(loop).loop_var
+    values = base._get_sblock_realize(sch, blk).iter_values
+    last = stmt.writes[0].region[-1].min
+    for iv, val in zip(stmt.iter_vars, values):
+        if isinstance(last, tirx.Var) and last.same_as(iv.var):
+            return loop_var in base.vars_in(val)
+    return False
+
+
+def _schedule_panel_pack(sch, pack_block, dims, nr, lanes):
+    """A pack computed under the panel loop: its own loops follow V's dims; the vector axis goes innermost
+    (contiguous writes of one panel row) and is vectorized."""
+    loops = sch.get_loops(pack_block)
+    own = loops[len(loops) - len(dims):]
+    if len(own) != len(dims):
+        return
+    v_loop = own[dims.index("v")]
+    others = [lp for d, lp in zip(dims, own) if d != "v"]
+    sch.reorder(*others, v_loop)
+    ext = base.const_extent(sch, v_loop)
+    if ext == nr and nr % lanes == 0:
+        if nr > lanes:
+            _, v_loop = sch.split(v_loop, [None, lanes])
+        sch.vectorize(v_loop)
 
 
 def _schedule_pack(sch, pack_block, dims, nr, lanes, params):

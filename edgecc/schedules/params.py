@@ -23,7 +23,8 @@ class CpuParams:
     gemv_nr_vecs: int  # vectors per tile for matrix-vector products (M == 1): memory-bound, wide tiles
     gemv_max_rows: int  # at most this many output rows counts as a GEMV (no weight packing)
     pack_min_rows: int  # pack the vector operand into panels when the output has at least this many rows
-    pack_min_stride_bytes: int  # ... and its rows are at least this long (TLB) or not contiguous along v
+    pack_min_stride_bytes: int  # ... and its rows are at least this long (cache-set aliasing, TLB) or not
+    # contiguous along v (2 KiB: GPT's 768..3072-wide weights are packed; 128-wide attention operands not)
     num_cores: int  # threads the runtime is expected to use
     min_parallel_tasks_per_core: int  # fuse outer loops until a parallel loop has this many tasks per core
     max_unroll: int  # fully unroll inner loops up to this extent (reductions, epilogues)
@@ -69,7 +70,7 @@ def cpu_params(spec: TargetSpec) -> CpuParams:
         gemv_nr_vecs=4,
         gemv_max_rows=4,
         pack_min_rows=16,
-        pack_min_stride_bytes=16384,
+        pack_min_stride_bytes=2048,
         num_cores=max(1, spec.num_cores),
         min_parallel_tasks_per_core=4,
         max_unroll=16,

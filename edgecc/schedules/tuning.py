@@ -10,6 +10,8 @@ it was measured on. A record is keyed by the *structural hash of the fused PrimF
 applies to any model, on any machine, whose fused kernel is identical, and only there. `build` picks the
 database up automatically (`relax_pipeline`): `apply_database_pass` replaces every fused PrimFunc that has a
 record by its best measured schedule and marks it scheduled, and edgecc's default rules schedule the rest.
+Each kernel's default schedule is timed like the candidates (`edgecc_baselines.json`), and a record is
+applied only where it beats it: a short tuning run never makes a build slower than an untuned one.
 
 Tuning drives MetaSchedule's pieces (TuneContext, EvolutionarySearch, XGBModel, JSONDatabase, runners) from
 a loop here instead of `tune_tasks`, for what that loop cannot give on a small shared machine:
@@ -36,7 +38,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -51,12 +53,16 @@ log = logging.getLogger(__name__)
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 META_FILE = "edgecc_tuning.json"
+BASELINE_FILE = "edgecc_baselines.json"  # per workload: time of edgecc's default schedule, measured alike
 TUNED = "tuned"  # value of edgecc.schedule on functions scheduled from the database
+TUNING_ATTR = "edgecc.tuning"  # "default-faster" on functions whose records lost to the default schedule
 
 # Measurement: each candidate runs `number` times per repeat, repeats until `min_repeat_ms`; median of repeats.
 EVAL_NUMBER = 3
 EVAL_REPEAT = 3
 EVAL_MIN_REPEAT_MS = 50
+APPLY_MARGIN = 0.98  # a tuned record replaces the default schedule only when at least 2% faster than it
+XGB_THREADS = int(os.environ.get("EDGECC_XGB_THREADS", "1"))  # xgboost on tiny training sets: 1 thread is faster
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,8 +87,14 @@ def target_hash(spec: TargetSpec) -> str:
 
 
 def default_database_dir(spec: TargetSpec) -> Path:
-    """`$EDGECC_CACHE/tuning/<target name>-<hash of its TVM target JSON>` (one database per target)."""
-    return cache_root() / "tuning" / f"{spec.name}-{target_hash(spec)}"
+    """`$EDGECC_CACHE/tuning/<target name>-<hash of its TVM target JSON>` (one database per target).
+
+    `$EDGECC_TUNING_DIR` replaces `$EDGECC_CACHE/tuning` alone (the test suite points it at a temporary
+    directory, so a developer's own tuning records never change what the tests build).
+    """
+    env = os.environ.get("EDGECC_TUNING_DIR")
+    root = Path(env).expanduser() if env else cache_root() / "tuning"
+    return root / f"{spec.name}-{target_hash(spec)}"
 
 
 def has_records(database_dir: str | Path | None) -> bool:
@@ -175,10 +187,11 @@ def _open_database(database_dir: Path, allow_missing: bool):
 
 
 def _workload_mod(func):
-    """The IRModule a fused PrimFunc is recorded under (what task extraction hands the tuner)."""
-    import tvm
+    """The IRModule a fused PrimFunc is recorded under: MetaSchedule's own normalisation (the function as
+    "main", with global_symbol "main" and tirx.noalias), which is what task extraction stores."""
+    import tvm_ffi
 
-    return tvm.IRModule({"main": func})
+    return tvm_ffi.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")(func)
 
 
 def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "tvm.transform.Pass | None":
@@ -203,12 +216,24 @@ def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "t
     def _apply(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
         target = tvm.target.Target.current(allow_none=True) or spec.tvm()
         database = _open_database(database_dir, allow_missing=False)
+        baselines = load_baselines(database_dir)
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
                 continue
+            workload = _workload_mod(func)
             try:
-                sch = database.query_schedule(_workload_mod(func), target, gv.name_hint)
+                record = database.query_tuning_record(workload, target, gv.name_hint)
+                if record is None:
+                    continue
+                baseline = baselines.get(_workload_key(workload))
+                tuned_ms = _run_ms(record.run_secs)
+                if tuned_ms is None:  # only failed candidates: nothing to apply
+                    continue
+                if baseline is not None and tuned_ms >= baseline["default_ms"] * APPLY_MARGIN:
+                    updates[gv] = func.with_attr(TUNING_ATTR, "default-faster")
+                    continue
+                sch = database.query_schedule(workload, target, gv.name_hint)
             except Exception as exc:  # noqa: BLE001 - a record that no longer replays: use the default rules
                 log.warning("tuning record for %s does not apply: %s", gv.name_hint,
                             str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__)
@@ -234,15 +259,57 @@ def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "t
 
 def count_tuned_functions(mod) -> int:
     """How many PrimFuncs of `mod` were scheduled from a tuning database."""
-    from tvm import tirx
-
     from edgecc.schedules.base import SCHEDULE_ATTR
+
+    return _count_attr(mod, SCHEDULE_ATTR, TUNED)
+
+
+def count_default_faster(mod) -> int:
+    """How many PrimFuncs had records that did not beat the default schedule (kept the default)."""
+    return _count_attr(mod, TUNING_ATTR, "default-faster")
+
+
+def _count_attr(mod, key: str, value: str) -> int:
+    from tvm import tirx
 
     n = 0
     for _gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and SCHEDULE_ATTR in func.attrs:
-            n += str(func.attrs[SCHEDULE_ATTR]) == TUNED
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and key in func.attrs:
+            n += str(func.attrs[key]) == value
     return n
+
+
+def _workload_key(workload_mod) -> str:
+    """The structural hash MetaSchedule keys the workload by (deterministic across processes)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(workload_mod))
+
+
+def load_baselines(database_dir: Path) -> dict[str, dict]:
+    try:
+        return json.loads((Path(database_dir) / BASELINE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_baselines(database_dir: Path, baselines: dict[str, dict]) -> None:
+    path = Path(database_dir) / BASELINE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(baselines, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def database_summary(database_dir: Path | None, tuned_functions: int, default_faster: int = 0) -> dict:
+    """The manifest's `schedules.tuning_db`: which database a build applied (by directory name and content
+    hash, never an absolute path), how many kernels it scheduled, and how many kept the default schedule
+    because their best record was not faster."""
+    if database_dir is None:
+        return {"applied": False, "database": None, "records_sha256": None, "tuned_functions": 0,
+                "default_faster": 0}
+    digest = hashlib.sha256((Path(database_dir) / RECORD_FILE).read_bytes()).hexdigest()
+    return {"applied": True, "database": Path(database_dir).name, "records_sha256": digest,
+            "tuned_functions": tuned_functions, "default_faster": default_faster}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,9 +323,11 @@ class TaskReport:
     weight: int  # how many times the model calls this kernel
     trials: int = 0  # measured in this run (failures included)
     errors: int = 0  # of those, how many failed to build or run
+    default_ms: float | None = None  # edgecc's default schedule, measured the same way
     best_ms_before: float | None = None  # best record in the database before this run
     best_ms: float | None = None  # best record after this run
     done: bool = False  # search space exhausted or per-task cap reached
+    skipped: str | None = None  # why the task was not tuned at all
 
 
 @dataclass
@@ -277,6 +346,12 @@ class TuneReport:
     @property
     def best_latency_ms(self) -> dict[str, float | None]:
         return {t.name: t.best_ms for t in self.tasks}
+
+    @property
+    def beats_default(self) -> list[str]:
+        """Tasks whose best record is faster than the default schedule (what a build will use)."""
+        return [t.name for t in self.tasks if t.best_ms is not None and
+                (t.default_ms is None or t.best_ms < t.default_ms * APPLY_MARGIN)]
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -297,7 +372,6 @@ class TuneEvent:
     task: str | None = None
     task_best_ms: float | None = None
     tasks_total: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 ProgressFn = Callable[[TuneEvent], None]
@@ -324,10 +398,11 @@ def _ms_logger() -> logging.Logger:
 
 
 def _has_int8(func) -> bool:
+    """Whether a kernel reads or writes 8-bit integers (where the target's dot-product intrinsics matter)."""
     try:
-        return any(str(buf.dtype) in ("int8", "uint8") for buf in func.buffer_map.values())
+        return any(str(getattr(p, "dtype", "")) in ("int8", "uint8") for p in func.params)
     except Exception:  # noqa: BLE001
-        return True
+        return False
 
 
 def _space_generator(needs_intrinsics: bool):
@@ -385,7 +460,7 @@ def _make_builder(spec: TargetSpec, export_dir: Path, shared_library: bool):
                 self.count += 1
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
-                    rt_mod = tvm.build(mod, target=build_input.target)
+                    rt_mod = tvm.tirx.build(mod, target=build_input.target)
                     if shared_library:
                         path = export_dir / f"cand{self.count}.so"
                         if spec.cross_compiler:
@@ -549,6 +624,7 @@ class _Task:
     alive: bool = True
     empty_batches: int = 0
     best_ms: float = math.inf
+    gen_s: float | None = None  # how long generating its last batch of candidates took
 
 
 def tune_model(
@@ -591,7 +667,8 @@ def tune_model(
         raise EdgeccError("--key given without --rpc", "pass the tracker as --rpc HOST:PORT too")
     if rpc is not None:
         if not rpc_key:
-            raise EdgeccError("--rpc needs --key", "pass the key the board's RPC server registered with, e.g. --key rpi4")
+            raise EdgeccError("--rpc needs --key",
+                              "pass the key the board's RPC server registered with, e.g. --key rpi4")
         parse_rpc(rpc)
     elif spec.is_cross:
         raise EdgeccError(
@@ -620,7 +697,6 @@ def tune_model(
     if not tasks:
         raise EdgeccError(f"'{Path(onnx_path).name}' has no kernels to tune", "nothing to do: build it directly")
 
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     tvm_target = spec.tvm()
@@ -635,7 +711,7 @@ def tune_model(
     needs_intrinsics = any(_has_int8(t.dispatched[0]["main"]) for t in tasks)
     per_task = max_trials_per_task or trials
     batch = max(1, min(batch_size, trials))
-    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=host_threads, tree_method="auto")
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=XGB_THREADS, tree_method="auto")
     rand = seed if seed is not None else -1
 
     event("prepare", f"initialising {len(tasks)} task(s)")
@@ -669,34 +745,36 @@ def tune_model(
         runner = _make_rpc_runner(rpc, rpc_key, measure_timeout_s)
         runner_desc = f"rpc {rpc} key={rpc_key}"
 
+    device_type = "cpu" if tvm_target.kind.name in ("llvm", "c") else tvm_target.kind.name
     trials_done = 0
     stopped_by = "search exhausted"
     per_trial_s: float | None = None  # running estimate: build + measure of one candidate
-    per_batch_s: float | None = None  # running estimate: generating one batch of candidates
-    rr = 0  # round-robin cursor for tasks never measured yet
+    gen_times: list[float] = []  # how long generating the last batches took
     try:
+        per_trial_s = _measure_baselines(spec, states, database_dir, builder, runner, device_type, deadline, event)
         while True:
+            if trials_done >= trials:
+                stopped_by = "trials"
+                break
             alive = [s for s in states if s.alive]
             if not alive:
                 stopped_by = "search exhausted"
                 break
-            if trials_done >= trials:
-                stopped_by = "trials"
-                break
-            remaining_s = deadline - time.perf_counter()
-            if remaining_s <= (per_batch_s or 0.0) + (per_trial_s or 0.0):
+            state = _pick_task(alive)
+            # generating a batch costs seconds (more for big kernels): start one only if it and one
+            # measurement fit in what is left of the budget
+            gen_estimate = state.gen_s if state.gen_s is not None else max(gen_times[-4:], default=0.0)
+            if deadline - time.perf_counter() <= gen_estimate + (per_trial_s or 0.0):
                 stopped_by = "time budget"
                 break
-            state = _pick_task(alive, rr)
-            rr += 1
             t_gen = time.perf_counter()
             try:
                 candidates = state.ctx.generate_measure_candidates()
             except Exception as exc:  # noqa: BLE001 - a search that crashes retires its task, not the run
                 log.warning("search for %s failed: %s", state.report.name, exc)
                 candidates = None
-            gen_s = time.perf_counter() - t_gen
-            per_batch_s = gen_s if per_batch_s is None else 0.7 * per_batch_s + 0.3 * gen_s
+            state.gen_s = time.perf_counter() - t_gen
+            gen_times.append(state.gen_s)
             if candidates is None:
                 _retire(state)
                 continue
@@ -711,16 +789,8 @@ def tune_model(
                 if time.perf_counter() + (per_trial_s or 0.0) > deadline:
                     break
                 t_trial = time.perf_counter()
-                build = builder.build([ms.builder.BuilderInput(cand.sch.mod, tvm_target)])[0]
-                if build.error_msg is not None:
-                    result = ms.runner.RunnerResult(None, build.error_msg)
-                else:
-                    run_input = ms.runner.RunnerInput(build.artifact_path, tvm_target.kind.name, cand.args_info)
-                    result = runner.run([run_input])[0].result()
-                    try:
-                        os.unlink(build.artifact_path)
-                    except OSError:
-                        pass
+                build, result = _measure(builder, runner, cand.sch.mod, cand.args_info, tvm_target, device_type)
+                _commit(database, state, [cand], [result], tvm_target)  # on disk now: Ctrl-C loses nothing
                 measured.append(cand)
                 builds.append(build)
                 results.append(result)
@@ -738,7 +808,6 @@ def tune_model(
                       trials_done=trials_done, task=state.report.name, task_best_ms=state.report.best_ms,
                       tasks_total=len(states))
             if measured:
-                _commit(database, state, measured, results, tvm_target)
                 state.ctx.notify_runner_results(measured, results)
                 _update_cost_model(cost_model, state.ctx, measured, builds, results)
             if state.report.trials >= per_task:
@@ -767,15 +836,88 @@ def tune_model(
     return report
 
 
-def _pick_task(alive: list[_Task], rr: int) -> _Task:
-    """Tasks never measured first (in turn); then the one whose share of the model's latency is largest,
-    discounted by how often it was already tuned (so one big kernel cannot take every trial)."""
-    fresh = [s for s in alive if s.report.trials == 0 and s.best_ms == math.inf]
-    if fresh:
-        return fresh[rr % len(fresh)]
+def _measure(builder, runner, mod, args_info, target, device_type):
+    """Build one module here and time it with the runner: (BuilderResult, RunnerResult)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    build = builder.build([ms.builder.BuilderInput(mod, target)])[0]
+    if build.error_msg is not None:
+        return build, ms.runner.RunnerResult(None, build.error_msg)
+    result = runner.run([ms.runner.RunnerInput(build.artifact_path, device_type, args_info)])[0].result()
+    try:
+        os.unlink(build.artifact_path)
+    except OSError:
+        pass
+    return build, result
+
+
+def _default_scheduled(spec: TargetSpec, workload):
+    """The workload's function as `build` schedules it without a database (edgecc's default rules)."""
+    import tvm
+
+    from edgecc.ir_passes.pipeline import schedule_passes
+
+    with spec.tvm():
+        return tvm.transform.Sequential(schedule_passes(spec))(workload)
+
+
+def _measure_baselines(spec, states, database_dir, builder, runner, device_type, deadline, event) -> float | None:
+    """Time every task's default schedule the way candidates are timed, and keep it in the database dir.
+
+    The apply pass uses a record only when it beats this, so a short tuning run can never make a build
+    slower than an untuned one. Skipped for a task whose default schedule is unchanged since it was last
+    measured. Returns the time one measurement took (a first per-trial estimate), if any ran.
+    """
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    target = spec.tvm()
+    baselines = load_baselines(database_dir)
+    per_trial_s = None
+    changed = False
+    for state in states:
+        workload = state.ctx.mod
+        key = _workload_key(workload)
+        try:
+            scheduled = _default_scheduled(spec, workload)
+        except Exception as exc:  # noqa: BLE001 - no baseline: records then apply unconditionally
+            log.warning("default schedule of %s failed: %s", state.report.name, exc)
+            continue
+        default_key = str(tvm_ffi.structural_hash(scheduled))
+        known = baselines.get(key)
+        if known is not None and known.get("default_hash") == default_key:
+            state.report.default_ms = known["default_ms"]
+            continue
+        if time.perf_counter() + (per_trial_s or 0.0) > deadline:
+            break
+        t = time.perf_counter()
+        args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        build, result = _measure(builder, runner, scheduled, args_info, target, device_type)
+        per_trial_s = time.perf_counter() - t
+        default_ms = _run_ms(result.run_secs) if result.error_msg is None else None
+        if default_ms is None:
+            if build.error_msg is None:  # compiles but does not run on random inputs (e.g. gather indices)
+                state.alive = False
+                first = (result.error_msg or "no time").strip().splitlines()
+                state.report.skipped = "cannot be timed on random inputs: " + (first[-1][:200] if first else "")
+            continue
+        state.report.default_ms = default_ms
+        baselines[key] = {"task": state.report.name, "default_ms": default_ms, "default_hash": default_key}
+        changed = True
+        event("baseline", f"{state.report.name}: default schedule {default_ms:.4f} ms",
+              task=state.report.name, task_best_ms=default_ms, tasks_total=len(states))
+    if changed:
+        _save_baselines(database_dir, baselines)
+    return per_trial_s
+
+
+def _pick_task(alive: list[_Task]) -> _Task:
+    """The task whose share of the model's latency (calls x best known time, default schedule included) is
+    largest, discounted by how often it was tuned already, so one big kernel cannot take every trial."""
 
     def score(s: _Task) -> float:
-        best = s.best_ms if s.best_ms != math.inf else 1e3
+        known = [t for t in (s.best_ms, s.report.default_ms) if t is not None and t != math.inf]
+        best = min(known) if known else 1e3  # unknown: measure it soon
         return s.report.weight * best / math.sqrt(1 + s.report.trials)
 
     return max(alive, key=score)

@@ -1,0 +1,5 @@
+"""`python -m edgecc ...` is the same as the `edgecc` command."""
+
+from edgecc.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""edgecc's own ONNX converters: ops TVM's importer lacks or gets wrong.
+
+A converter is a function `(bb, inputs, attrs, params, opset) -> relax.Expr | relax.Tuple`, registered for
+an `(op_type, domain)` with `@register`; it may return `NotImplemented` to hand the node back to TVM's
+converter (e.g. `Shape` of a tensor without a static shape). `edgecc.frontend.importer` consults this
+registry before TVM's converter map, and `op_support` counts these ops as supported. The arguments are
+those of TVM's converters (`params` = [graph nodes, params]), plus the model's default-domain opset.
+
+Modules: `standard.py` (default-domain ops: Shape, Constant, LayerNormalization with Mean/InvStdDev,
+RMSNormalization), `quantized.py` (QuantizeLinear/DequantizeLinear per-tensor, per-axis and blocked,
+QLinearMatMul, QLinearConv, ConvInteger), `contrib.py` (com.microsoft: MatMulNBits,
+SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization).
+
+`set_enabled(False)` turns the registry off, leaving TVM's importer alone (`edgecc validate
+--no-converters` uses it to measure what these converters add).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+Converter = Callable[..., object]
+
+#: Name of the string attribute the importer adds to nodes outside the default domain, so that a converter
+#: lookup can tell `com.microsoft::RotaryEmbedding` from the standard one (TVM's converters see no domain).
+DOMAIN_ATTR = "__edgecc_domain"
+
+_REGISTRY: dict[tuple[str, str], Converter] = {}
+_state = {"enabled": True, "loaded": False}
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def register(op_type: str, domain: str = "", *more_domains: str):
+    """Decorator: register a converter for op_type in one or more domains."""
+
+    def deco(fn: Converter) -> Converter:
+        for d in (domain, *more_domains):
+            _REGISTRY[(_norm_domain(d), op_type)] = fn
+        return fn
+
+    return deco
+
+
+def _load() -> None:
+    if not _state["loaded"]:
+        _state["loaded"] = True
+        from edgecc.frontend.converters import contrib, quantized, standard  # noqa: F401 - registers
+
+
+def set_enabled(enabled: bool) -> None:
+    _state["enabled"] = bool(enabled)
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+def lookup(op_type: str, domain: str = "") -> Converter | None:
+    if not _state["enabled"]:
+        return None
+    _load()
+    return _REGISTRY.get((_norm_domain(domain), op_type))
+
+
+def op_types() -> set[str]:
+    """Op types (any domain) edgecc converts itself (empty when disabled)."""
+    if not _state["enabled"]:
+        return set()
+    _load()
+    return {op for _, op in _REGISTRY}

@@ -1,0 +1,216 @@
+"""Kernels for quantized matmuls: `y[M, N] = x[M, K] @ dequant(W)[K, N]` reading the packed storage.
+
+The weight is never materialised in float: each code is loaded from its uint32 word (or int8 byte),
+shifted, masked and converted in registers, right where it is multiplied. The compute is written so that
+the scale (and zero point) is applied once per group instead of once per weight:
+
+    part[m, g, n] = sum_{j < G} x[m, g*G + j] * code[g*G + j, n]          (integer codes as float)
+    xsum[m, g]    = sum_{j < G} x[m, g*G + j]                              (only when a zero point exists)
+    y[m, n]       = sum_g scale[g, n] * (part[m, g, n] - zero[g, n] * xsum[m, g])
+
+w8a8 quantizes each row of x to int8 at run time (scale = max|x| / 127) and accumulates in int32:
+
+    y[m, n] = sx[m] * scale[0, n] * sum_k int32(xq[m, k]) * int32(code[k, n])
+
+CPU schedule (`schedule_quantized`), one for GEMV (M = 1, LLM decode) and M > 1:
+
+    parallel over (M/mr x N/nr) tiles; per tile an accumulator of mr x nr floats in registers;
+    for each group g: part (mr x nr, local) <- unrolled j (32 codes: 4 uint32 words for 4-bit) x mr x
+    vectorized nr; then acc += scale * (part - zero * xsum), vectorized.
+
+`nr` is 2-4 vectors of the target (read from the LLVM target), `mr` up to 4 rows. The function returned is
+marked `tirx.is_scheduled` so the default fp32 rules leave it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import s_tir, te, tirx
+
+from edgecc.compress.schemes import QuantScheme
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_NAME = "quantized_matmul"
+
+
+# ------------------------------------------------------------------------------------------ compute
+
+
+def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: str = "float32"):
+    """TE tensors (args list) for one quantized matmul; `m` may be an int or a tirx.Var."""
+    g_size = scheme.group_for(k)
+    groups = k // g_size
+    bits = scheme.bits
+    shapes = scheme.storage_shapes(k, n)
+    x = te.placeholder((m, k), x_dtype, name="x")
+    (w_shape, w_dtype) = shapes["weight"]
+    w = te.placeholder(w_shape, w_dtype, name="qweight")
+    s = te.placeholder(shapes["scales"][0], shapes["scales"][1], name="scales")
+    z = te.placeholder(shapes["zeros"][0], "uint8", name="zeros") if "zeros" in shapes else None
+    inputs = [x, w, s] + ([z] if z is not None else [])
+
+    if scheme.act_bits == 8:
+        return inputs + [_w8a8_compute(x, w, s, m, k, n)]
+
+    words_per_group = g_size * bits // 32
+    last_word = w_shape[0] - 1
+    mask = tirx.const((1 << bits) - 1, "uint32")
+
+    def code(g, j, col):
+        """The code of weight (g*G + j, col) as float32, decoded in registers."""
+        if bits == 8:
+            return w[g * g_size + j, col].astype("float32")
+        pos = j * bits
+        word = g * words_per_group + pos // 32
+        shift = (pos % 32).astype("uint32")
+        val = w[word, col] >> shift
+        if 32 % bits:  # a code may straddle two words
+            nxt = w[tirx.min(word + 1, last_word), col] << (tirx.const(32, "uint32") - shift)
+            val = tirx.if_then_else(pos % 32 + bits > 32, val | nxt, val)
+        return (val & mask).astype("float32")
+
+    j = te.reduce_axis((0, g_size), name="j")
+    part = te.compute((m, groups, n), lambda i, g, c: te.sum(x[i, g * g_size + j].astype("float32") * code(g, j, c),
+                                                            axis=j), name="part")
+    has_zero = z is not None or scheme.zero_offset != 0
+    if has_zero:
+        j2 = te.reduce_axis((0, g_size), name="j2")
+        xsum = te.compute((m, groups), lambda i, g: te.sum(x[i, g * g_size + j2].astype("float32"), axis=j2),
+                          name="xsum")
+
+    def term(i, g, c):
+        if not has_zero:
+            return part[i, g, c]
+        zero = z[g, c].astype("float32") if z is not None else tirx.const(float(scheme.zero_offset), "float32")
+        return part[i, g, c] - zero * xsum[i, g]
+
+    gg = te.reduce_axis((0, groups), name="g")
+    y = te.compute((m, n), lambda i, c: te.sum(s[gg, c].astype("float32") * term(i, gg, c), axis=gg), name="y")
+    if x_dtype != "float32":
+        y = te.compute((m, n), lambda i, c: y[i, c].astype(x_dtype), name="y_cast")
+    return inputs + [y]
+
+
+def _w8a8_compute(x, w, s, m, k, n):
+    r = te.reduce_axis((0, k), name="r")
+    amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, r].astype("float32")), axis=r), name="amax")
+    sx = te.compute((m,), lambda i: tirx.Select(amax[i] > 0, amax[i] / 127.0, tirx.const(1.0, "float32")), name="sx")
+    xq = te.compute((m, k), lambda i, c: tirx.max(tirx.min(tirx.round(x[i, c].astype("float32") / sx[i]), 127.0),
+                                                  -127.0).astype("int8"), name="xq")
+    kk = te.reduce_axis((0, k), name="j")
+    acc = te.compute((m, n), lambda i, c: te.sum(xq[i, kk].astype("int32") * w[kk, c].astype("int32"), axis=kk),
+                     name="part")
+    return te.compute((m, n), lambda i, c: acc[i, c].astype("float32") * sx[i] * s[0, c], name="y")
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def _vector_lanes(target: tvm.target.Target | None) -> int:
+    if target is None:
+        return 4
+    try:
+        bits = int(tvm.target.codegen.llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - non-LLVM or unknown CPU: 128-bit vectors
+        bits = 128
+    return max(1, bits // 32)
+
+
+def _num_cores(target: tvm.target.Target | None) -> int:
+    try:
+        return max(1, int(target.attrs["num-cores"])) if target is not None else 1
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def choose_tiles(m, n: int, target: tvm.target.Target | None) -> tuple[int, int]:
+    """(mr, nr): rows and columns of one register tile."""
+    lanes = _vector_lanes(target)
+    cores = _num_cores(target)
+    nr = lanes
+    for vecs in (4, 2):
+        # wide tiles, unless that leaves fewer than ~4 tiles per core on a GEMV
+        if n % (lanes * vecs) == 0 and n // (lanes * vecs) >= 4 * cores:
+            nr = lanes * vecs
+            break
+    if n % nr:
+        nr = n if n <= 4 * lanes else lanes
+    mr = min(int(m), 4) if isinstance(m, int) else 1
+    return mr, nr
+
+
+def schedule_quantized(func: tirx.PrimFunc, m, k: int, n: int, scheme: QuantScheme,
+                       target: tvm.target.Target | None) -> tirx.PrimFunc:
+    """Apply the CPU schedule described in the module docstring."""
+    mr, nr = choose_tiles(m, n, target)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    y = sch.get_sblock("y")
+    part = sch.get_sblock("part")
+    if scheme.act_bits == 8:
+        # part is the int32 accumulator; y the float epilogue
+        i, c = sch.get_loops(y)
+        i0, i1 = sch.split(i, [None, mr])
+        c0, c1 = sch.split(c, [None, nr])
+        sch.reorder(i0, c0, i1, c1)
+        sch.compute_at(part, c0)
+        sch.set_scope(part, 0, "local")
+        inner = sch.get_loops(part)[2:]
+        *spatial, red = inner
+        jo, ji = sch.split(red, [None, 4])
+        sch.reorder(jo, ji, *spatial)
+        sch.unroll(ji)
+        if len(spatial) == 2:
+            sch.unroll(spatial[0])
+        sch.vectorize(spatial[-1])
+        fused = sch.fuse(i0, c0)
+        sch.parallel(fused)
+        sch.unroll(i1)
+        sch.vectorize(c1)
+        init = sch.decompose_reduction(part, jo)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch.mod["main"]
+
+    acc = sch.cache_write(y, 0, "local")
+    i, c, g = sch.get_loops(y)
+    i0, i1 = sch.split(i, [None, mr])
+    c0, c1 = sch.split(c, [None, nr])
+    sch.reorder(i0, c0, g, i1, c1)
+    sch.reverse_compute_at(acc, c0)
+    sch.compute_at(part, g)
+    sch.set_scope(part, 0, "local")
+    inner = sch.get_loops(part)[3:]  # below i0, c0, g: the tile's (rows,) columns, then j
+    *spatial, red = inner
+    g_size = scheme.group_for(k)
+    jo, ji = sch.split(red, [None, min(g_size, 32)])
+    sch.reorder(jo, ji, *spatial)
+    sch.unroll(ji)
+    if len(spatial) == 2:
+        sch.unroll(spatial[0])
+    sch.vectorize(spatial[-1])
+    fused = sch.fuse(i0, c0)
+    sch.parallel(fused)
+    sch.unroll(i1)
+    sch.vectorize(c1)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    pinit = sch.decompose_reduction(part, jo)
+    sch.vectorize(sch.get_loops(pinit)[-1])
+    init = sch.decompose_reduction(y, g)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tvm.target.Target | None = None,
+                              x_dtype: str = "float32", schedule: bool = True) -> tuple[tirx.PrimFunc, bool]:
+    """The kernel as a PrimFunc (scheduled for `target` when possible) and whether the schedule applied."""
+    func = te.create_prim_func(quantized_matmul_compute(m, k, n, scheme, x_dtype)).without_attr("global_symbol")
+    if not schedule:
+        return func, False
+    try:
+        return schedule_quantized(func, m, k, n, scheme, target), True
+    except Exception as exc:  # noqa: BLE001 - a schedule bug costs speed, not the build
+        log.warning("quantized matmul schedule failed for %sx%sx%s %s: %s", m, k, n, scheme.name,
+                    str(exc).strip().splitlines()[-1][:200])
+        return func, False
