@@ -15,9 +15,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # tests run in parallel workers; 
 os.environ["EDGECC_TUNING_DIR"] = tempfile.mkdtemp(prefix="edgecc-test-tuning-")
 
 
-@pytest.fixture(scope="session")
-def tiny_mlp(tmp_path_factory) -> Path:
-    """A 2-input, 2-output model (Gemm+Relu, Conv+ReduceMean) with fixed random weights."""
+def export_two_heads(path: Path, seed: int = 0) -> Path:
+    """A 2-input, 2-output model (Gemm+Relu, Conv+ReduceMean) with random weights drawn from `seed`."""
     import torch
 
     class TwoHeads(torch.nn.Module):
@@ -29,11 +28,15 @@ def tiny_mlp(tmp_path_factory) -> Path:
         def forward(self, x, y):
             return torch.relu(self.fc(x)), self.conv(y).mean()
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "two_heads.onnx"
+    torch.manual_seed(seed)
     torch.onnx.export(TwoHeads().eval(), (torch.randn(2, 64), torch.randn(1, 3, 16, 16)), str(path),
                       input_names=["x", "y"], output_names=["a", "b"], dynamo=False, opset_version=17)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(tmp_path_factory) -> Path:
+    return export_two_heads(tmp_path_factory.mktemp("models") / "two_heads.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +67,31 @@ def feeds_for_two_heads(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.standard_normal((2, 64)).astype(np.float32),
             "y": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+
+
+def double_build_digests(tmp_path, monkeypatch, **build_options) -> list[dict[str, str]]:
+    """Build tiny-transformer twice, in different directories a second apart; sha256 of every file, per build.
+
+    The reproducibility tests compare the two: same model and options must give the same bytes.
+    """
+    import hashlib
+    import shutil
+    import time
+
+    from edgecc.build import build_artifact
+    from edgecc.models.registry import MODELS
+
+    src = MODELS["tiny-transformer"].export(tmp_path / "src" / "t.onnx")
+    digests = []
+    for run in ("first", "second"):
+        workdir = tmp_path / run / "nested"
+        workdir.mkdir(parents=True)
+        model = workdir / "t.onnx"
+        shutil.copy(src, model)
+        monkeypatch.chdir(workdir)
+        out = workdir / "out"
+        build_artifact(model, out, **build_options)
+        digests.append({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted(out.rglob("*")) if p.is_file()})
+        time.sleep(1.1)
+    return digests

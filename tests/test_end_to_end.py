@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import feeds_for_two_heads
+from conftest import double_build_digests, export_two_heads, feeds_for_two_heads
 from edgecc.build import build_artifact
 from edgecc.models.registry import MODELS
 from edgecc.runtime_bridge.host import load_artifact
@@ -108,21 +108,7 @@ def test_cli_build_run_verify(cli, tiny_mlp, tmp_path):
 
 def test_verify_fails_on_a_wrong_model(cli, tiny_mlp_artifact, tmp_path):
     """An artifact checked against a different model with the same signature must FAIL (exit 1)."""
-    import torch
-
-    class Other(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(64, 32)
-            self.conv = torch.nn.Conv2d(3, 8, 3)
-
-        def forward(self, x, y):
-            return torch.relu(self.fc(x)), self.conv(y).mean()
-
-    torch.manual_seed(123)
-    other = tmp_path / "other.onnx"
-    torch.onnx.export(Other().eval(), (torch.randn(2, 64), torch.randn(1, 3, 16, 16)), str(other),
-                      input_names=["x", "y"], output_names=["a", "b"], dynamo=False)
+    other = export_two_heads(tmp_path / "other.onnx", seed=123)
     result = cli("verify", tiny_mlp_artifact, other)
     assert result.exit_code == 1 and "verify: FAIL" in result.output
 
@@ -180,26 +166,13 @@ def test_light_cnn_with_random_weights_matches_onnxruntime(name, target, tmp_pat
 @pytest.mark.parametrize("target", ["host", pytest.param("arm-neon", marks=pytest.mark.cross)])
 def test_builds_are_byte_identical(target, tmp_path, monkeypatch):
     """Same model + options, different directories and times -> the same bytes in every file."""
-    import hashlib
     import shutil
-    import time
 
     from edgecc.targets.registry import get_target
 
     spec = get_target(target)
     if spec.cross_compiler and shutil.which(spec.cross_compiler) is None:
         pytest.skip(f"{spec.cross_compiler} not installed (scripts/install.sh installs it)")
-    src = MODELS["tiny-transformer"].export(tmp_path / "src" / "t.onnx")
-    digests = []
-    for run in ("first", "second"):
-        workdir = tmp_path / run / "nested"
-        workdir.mkdir(parents=True)
-        model = workdir / "t.onnx"
-        shutil.copy(src, model)
-        monkeypatch.chdir(workdir)
-        build_artifact(model, workdir / "out", target=target)
-        digests.append({str(p.relative_to(workdir / "out")): hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted((workdir / "out").rglob("*")) if p.is_file()})
-        time.sleep(1.1)
+    digests = double_build_digests(tmp_path, monkeypatch, target=target)
     assert digests[0] == digests[1]
     assert {"manifest.json", "model.so", "params.bin"} <= set(digests[0])

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import double_build_digests
 from edgecc.build import build_artifact
 from edgecc.errors import EdgeccError
 from edgecc.models.registry import MODELS
@@ -371,19 +371,7 @@ def test_c_api_rejects_bad_input(squeezenet_static, tmp_path):
 
 def test_static_builds_are_byte_identical(tmp_path, monkeypatch):
     """--emit static --embed-params twice, in other directories at other times: the same bytes everywhere."""
-    src = MODELS["tiny-transformer"].export(tmp_path / "src" / "t.onnx")
-    digests = []
-    for run in ("first", "second"):
-        workdir = tmp_path / run / "nested"
-        workdir.mkdir(parents=True)
-        model = workdir / "t.onnx"
-        shutil.copy(src, model)
-        monkeypatch.chdir(workdir)
-        build_artifact(model, workdir / "out", target="host", emit="static", embed_params=True)
-        out = workdir / "out"
-        digests.append({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted(out.rglob("*")) if p.is_file()})
-        time.sleep(1.1)
+    digests = double_build_digests(tmp_path, monkeypatch, target="host", emit="static", embed_params=True)
     assert digests[0] == digests[1]
     assert {"lib/libedgecc_model.a", "lib/libtvm_runtime.so", "include/edgecc_model.h",
             "cmake/edgecc_model-config.cmake", "cmake/edgecc_model.mk"} <= set(digests[0])

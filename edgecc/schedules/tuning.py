@@ -674,8 +674,8 @@ def tune_model(
         raise EdgeccError(
             f"tuning for '{spec.name}' ({spec.arch}) needs the real board: kernels are timed where they run, "
             f"and this machine is {os.uname().machine} (qemu timings would be meaningless)",
-            f"run `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY` on the board and pass "
-            f"--rpc HOST:PORT --key KEY",
+            "run `python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY` on the board and pass "
+            "--rpc HOST:PORT --key KEY",
         )
 
     def elapsed() -> float:

@@ -254,7 +254,7 @@ def _load_plugins() -> list[TargetSpec]:
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break edgecc
             raise EdgeccError(
                 f"target plugin '{entry.name}' ({entry.value}) failed to load: {exc}",
-                f"fix or uninstall the package that provides it",
+                "fix or uninstall the package that provides it",
             ) from exc
         for spec in obj if isinstance(obj, (list, tuple)) else [obj]:
             if not isinstance(spec, TargetSpec):

@@ -14,7 +14,7 @@ import onnx
 from tvm import relax
 
 from edgecc.frontend.converters import register
-from edgecc.frontend.converters._util import cast, const, dtype_of, emit, present, static_shape
+from edgecc.frontend.converters._util import cast, dtype_of, emit, present, static_shape
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
            "int32": (-(2**31), 2**31 - 1)}
