@@ -142,6 +142,23 @@ def choose_tiles(m, n: int, target: tvm.target.Target | None) -> tuple[int, int]
     return mr, nr
 
 
+def _tile_inner(sch, inner, j_factor: int, i0, c0, i1, c1):
+    """Schedule one register tile: the reduction split by `j_factor` and unrolled outside the tile's rows
+    and columns (columns vectorized), tiles in parallel, the write-back unrolled over rows and vectorized.
+    Returns the outer reduction loop (where the caller decomposes the init)."""
+    *spatial, red = inner
+    jo, ji = sch.split(red, [None, j_factor])
+    sch.reorder(jo, ji, *spatial)
+    sch.unroll(ji)
+    if len(spatial) == 2:
+        sch.unroll(spatial[0])
+    sch.vectorize(spatial[-1])
+    sch.parallel(sch.fuse(i0, c0))
+    sch.unroll(i1)
+    sch.vectorize(c1)
+    return jo
+
+
 def schedule_quantized(func: tirx.PrimFunc, m, k: int, n: int, scheme: QuantScheme,
                        target: tvm.target.Target | None) -> tirx.PrimFunc:
     """Apply the CPU schedule described in the module docstring."""
@@ -157,18 +174,7 @@ def schedule_quantized(func: tirx.PrimFunc, m, k: int, n: int, scheme: QuantSche
         sch.reorder(i0, c0, i1, c1)
         sch.compute_at(part, c0)
         sch.set_scope(part, 0, "local")
-        inner = sch.get_loops(part)[2:]
-        *spatial, red = inner
-        jo, ji = sch.split(red, [None, 4])
-        sch.reorder(jo, ji, *spatial)
-        sch.unroll(ji)
-        if len(spatial) == 2:
-            sch.unroll(spatial[0])
-        sch.vectorize(spatial[-1])
-        fused = sch.fuse(i0, c0)
-        sch.parallel(fused)
-        sch.unroll(i1)
-        sch.vectorize(c1)
+        jo = _tile_inner(sch, sch.get_loops(part)[2:], 4, i0, c0, i1, c1)
         init = sch.decompose_reduction(part, jo)
         sch.vectorize(sch.get_loops(init)[-1])
         return sch.mod["main"]
@@ -182,18 +188,7 @@ def schedule_quantized(func: tirx.PrimFunc, m, k: int, n: int, scheme: QuantSche
     sch.compute_at(part, g)
     sch.set_scope(part, 0, "local")
     inner = sch.get_loops(part)[3:]  # below i0, c0, g: the tile's (rows,) columns, then j
-    *spatial, red = inner
-    g_size = scheme.group_for(k)
-    jo, ji = sch.split(red, [None, min(g_size, 32)])
-    sch.reorder(jo, ji, *spatial)
-    sch.unroll(ji)
-    if len(spatial) == 2:
-        sch.unroll(spatial[0])
-    sch.vectorize(spatial[-1])
-    fused = sch.fuse(i0, c0)
-    sch.parallel(fused)
-    sch.unroll(i1)
-    sch.vectorize(c1)
+    jo = _tile_inner(sch, inner, min(scheme.group_for(k), 32), i0, c0, i1, c1)
     sch.vectorize(sch.get_loops(acc)[-1])
     pinit = sch.decompose_reduction(part, jo)
     sch.vectorize(sch.get_loops(pinit)[-1])
