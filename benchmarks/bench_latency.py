@@ -4,6 +4,7 @@
     python benchmarks/bench_latency.py                      # MiniLM (all-MiniLM-L6-v2), seq 128, host
     python benchmarks/bench_latency.py --zoo resnet50-rw    # any `edgecc models list` name or light-model name
     python benchmarks/bench_latency.py --model m.onnx --dim batch=1 --iters 100
+    python benchmarks/bench_latency.py --quantize w8a8 --ort-quantize dynamic   # int8 vs onnxruntime's int8
 
 How it measures (see benchmarks/README.md for why):
 
@@ -65,7 +66,7 @@ class EdgeccRunner:
             from edgecc.build import build_artifact
 
             artifact = os.path.join(workdir, "edgecc_artifact")
-            build_artifact(onnx_path, artifact, target=options.get("target", "host"))
+            build_artifact(onnx_path, artifact, target=options.get("target", "host"), quantize=options.get("quantize"))
         build_s = time.perf_counter() - t0
         self.model = load_artifact(artifact)
         if getattr(self.model, "emulated", False):
@@ -142,6 +143,13 @@ class OrtRunner:
         t0 = time.perf_counter()
         so = ort.SessionOptions()  # default threading on purpose: intra_op_num_threads=0
         so.log_severity_level = 3
+        if options.get("ort_quantize") == "dynamic":  # onnxruntime's own int8: weights per channel, activations dynamic
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = os.path.join(workdir, "ort_dynamic_int8.onnx")
+            if not os.path.exists(quantized):
+                quantize_dynamic(onnx_path, quantized, per_channel=True, weight_type=QuantType.QInt8)
+            onnx_path = quantized
         self.session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         try:
@@ -347,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runtimes", default="edgecc,onnxruntime", help="comma list of: " + ", ".join(RUNNERS))
     ap.add_argument("--artifact", help="reuse an already built edgecc artifact directory (skip the build)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", default=None, help="edgecc: build with --quantize SCHEME (e.g. w8a8, w8)")
+    ap.add_argument("--ort-quantize", choices=["dynamic"], default=None,
+                    help="onnxruntime: run its quantize_dynamic (int8, per-channel) version of the model instead")
     ap.add_argument("--setup-timeout", type=float, default=3600, help="seconds a worker may take to build/load")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -372,7 +383,8 @@ def main(argv=None) -> int:
 
         ctx = mp.get_context("spawn")
         env = {"TVM_NUM_THREADS": str(threads)}
-        options = {"target": args.target, "artifact": args.artifact, "shapes": {k: list(v.shape) for k, v in feeds.items()}}
+        options = {"target": args.target, "artifact": args.artifact, "shapes": {k: list(v.shape) for k, v in feeds.items()},
+                   "quantize": args.quantize, "ort_quantize": args.ort_quantize}
         workers = []
         try:
             # Set up one at a time: builds are heavy, and the other worker's import should not slow them.

@@ -71,6 +71,46 @@ def _run_weight_transforms(transform_mod, weights: list[np.ndarray]) -> list[np.
     return [o.numpy() for o in outs]
 
 
+def lift_weight_transforms(imported):
+    """-> (deploy module, weight-transform module or None, [(param name, weight after transforms)])."""
+    deploy_mod, transform_mod = _split_transform_params(imported.mod)
+    weights = [w for _, w in imported.params]
+    if transform_mod is not None:
+        weights = _run_weight_transforms(transform_mod, weights)
+    main = deploy_mod["main"]
+    num_input = int(main.attrs["num_input"])
+    weight_names = [p.name for p in main.params[num_input:]]
+    if len(weight_names) != len(weights):
+        raise RuntimeError(f"weight transform produced {len(weights)} tensors for {len(weight_names)} params")
+    return deploy_mod, transform_mod, list(zip(weight_names, weights))
+
+
+def stage_timer(say: Progress, timings: dict[str, float]):
+    """A context manager factory: `with stage("lower"):` announces the stage and records its seconds."""
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        say(name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+    return stage
+
+
+def target_manifest(spec: TargetSpec, tvm_target) -> dict:
+    """The manifest's "target" section."""
+    return {
+        "name": spec.name,
+        "arch": spec.arch,
+        "device": spec.device,
+        "features": list(spec.features),
+        "vector_bits": spec.vector_bits,
+        "tvm_target": json.loads(str(tvm_target)),
+        "plugin": spec.plugin,
+    }
+
+
 def _export_library(executable, path: Path, spec: TargetSpec) -> None:
     import tvm
 
@@ -93,8 +133,14 @@ def build_artifact(
     quantize: str | None = None,
     emit: str = "shared",
     embed_params: bool = False,
+    method: str | None = None,
+    calib: str | Path | None = None,
+    calib_text: str | Path | None = None,
 ) -> BuildResult:
     """Compile `onnx_path` for `target` into `out_dir` (see module docstring for the stages).
+
+    `method` (rtn|gptq|awq|smoothquant) with `calib` (.npz of inputs) or `calib_text` (.txt, models taking
+    input_ids with a tokenizer.json beside them): how `quantize` picks the codes (docs/compression.md).
 
     `tuning_db`: a MetaSchedule database from `edgecc tune` (default: the target's own database, when it
     has records); its tuned kernels replace the default schedules where the fused function matches.
@@ -109,12 +155,7 @@ def build_artifact(
 
     firmware.check_options(spec, emit, embed_params)
 
-    @contextlib.contextmanager
-    def stage(name: str):
-        say(name)
-        t0 = time.perf_counter()
-        yield
-        timings[name] = round(time.perf_counter() - t0, 3)
+    stage = stage_timer(say, timings)
 
     with stage("load"):
         model = load_model(onnx_path)
@@ -129,16 +170,7 @@ def build_artifact(
         del model
 
     with stage("weights"):
-        deploy_mod, transform_mod = _split_transform_params(imported.mod)
-        weights = [w for _, w in imported.params]
-        if transform_mod is not None:
-            weights = _run_weight_transforms(transform_mod, weights)
-        main = deploy_mod["main"]
-        num_input = int(main.attrs["num_input"])
-        weight_names = [p.name for p in main.params[num_input:]]
-        if len(weight_names) != len(weights):
-            raise RuntimeError(f"weight transform produced {len(weights)} tensors for {len(weight_names)} params")
-        named_weights = list(zip(weight_names, weights))
+        deploy_mod, transform_mod, named_weights = lift_weight_transforms(imported)
 
     compression = {"scheme": "none", "annotated_ops": []}
     if quantize:  # a scheme ("w4g32") or a recipe file: see edgecc/compress and docs/compression.md
@@ -146,7 +178,8 @@ def build_artifact(
             from edgecc.compress.quantize import compress_for_build
 
             deploy_mod, named_weights, compression = compress_for_build(
-                deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params])
+                deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params],
+                method=method, calibration=(onnx_path, calib, calib_text, None))
 
     with stage("lower"):
         from edgecc.ir_passes.memory_plan import module_memory
@@ -178,15 +211,7 @@ def build_artifact(
             "signature": {"onnx": onnx_sig.to_json(), "built": built_sig.to_json(), "dims": dict(dims or {}),
                           "index_bounds": bounds},
             "entry": "main",
-            "target": {
-                "name": spec.name,
-                "arch": spec.arch,
-                "device": spec.device,
-                "features": list(spec.features),
-                "vector_bits": spec.vector_bits,
-                "tvm_target": json.loads(str(tvm_target)),
-                "plugin": spec.plugin,
-            },
+            "target": target_manifest(spec, tvm_target),
             "params": [{"name": n, "dtype": str(w.dtype), "shape": list(w.shape)} for n, w in named_weights],
             "compression": compression,
             "schedules": {"enabled": schedules, "tuning_db": database_summary(tuning_dir, *tuned)},

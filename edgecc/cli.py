@@ -119,17 +119,42 @@ class _StageProgress:
 @click.option("--quantize", "quantize", default=None, metavar="SCHEME|RECIPE",
               help="Quantize matmul weights: a scheme (w8, w8a8, w4g32, w4g128-asym, w3g64) or a recipe file "
                    "(docs/compression.md).")
+@click.option("--method", "method", default=None, type=click.Choice(["rtn", "gptq", "awq", "smoothquant"]),
+              help="How --quantize picks the codes (default rtn; gptq/awq/smoothquant need --calib or --calib-text).")
+@click.option("--calib", "calib", default=None, type=click.Path(path_type=Path),
+              help="Calibration inputs for --method: .npz with one array per model input (leading axis: samples).")
+@click.option("--calib-text", "calib_text", default=None, type=click.Path(path_type=Path),
+              help="Calibration text for --method on models taking input_ids (tokenized, chunks of tokens).")
 @click.option("--emit", type=click.Choice(["shared", "static"]), default="shared", show_default=True,
               help="Firmware deliverable: 'static' adds lib/libedgecc_model.a + runtime libs (docs/firmware.md).")
 @click.option("--embed-params", is_flag=True, help="Link the weights into libedgecc_model.a (--emit static).")
+@click.option("--max-context", type=int, default=None, metavar="N",
+              help="Decoder build: preallocate the KV cache for N positions (prefill+decode module, docs/llm.md).")
+@click.option("--prefill", "prefill", default=None, type=click.Path(path_type=Path),
+              help="Decoder build: the prefill graph (default: prefill.onnx beside a decode.onnx / in MODEL dir).")
+@click.option("--kv-cache", "kv_cache", default=None, metavar="NAME,NAME,...",
+              help="Decoder build: the past key/value inputs (default: found by pattern).")
+@click.option("--kv-dtype", "kv_dtype", type=click.Choice(["float32", "int8"]), default=None,
+              help="Decoder build: what the KV cache stores (default: the model's dtype; int8 = a quarter of the "
+                   "bytes, one scale per row).")
+@click.option("--tokenizer", "tokenizer", default=None, type=click.Path(path_type=Path),
+              help="Decoder build: directory with tokenizer.json + tokenizer_meta.json (default: MODEL's).")
 @user_errors
 def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force: bool, no_schedules: bool,
-          tuning_db: Path | None, quantize: str | None, emit: str = "shared", embed_params: bool = False):
+          tuning_db: Path | None, quantize: str | None, emit: str = "shared", embed_params: bool = False,
+          max_context: int | None = None, prefill: Path | None = None, kv_cache: str | None = None,
+          tokenizer: Path | None = None, kv_dtype: str | None = None, method: str | None = None, calib: Path | None = None,
+          calib_text: Path | None = None):
     """Compile an ONNX MODEL for a target into an artifact directory.
 
     The artifact holds model.so (compiled for the target's CPU), params.bin (weights) and manifest.json
     (signature, target, memory plan, versions, file hashes). It is written atomically: on any error
     nothing is left at -o.
+
+    \b
+    Decoders (LLMs): give the decode graph (or a directory with decode.onnx + prefill.onnx) and
+    --max-context N. The past key/value inputs grown by Concat become one preallocated KV cache updated
+    in place, and the artifact gets `prefill` and `decode` entry points for `edgecc generate`.
     """
     from edgecc.build import build_artifact
     from edgecc.frontend.signature import parse_dim_bindings
@@ -139,22 +164,48 @@ def build(model: Path, target: str, out_dir: Path, dims: tuple[str, ...], force:
         from edgecc.compress.recipe import load_recipe
 
         load_recipe(quantize)  # a bad scheme or recipe file fails now, before any work
+    if method or calib or calib_text:  # docs/compression.md "Algorithms and calibration"
+        from edgecc.compress.quantize import check_method
+
+        if not quantize:
+            raise EdgeccError("--method/--calib/--calib-text need --quantize", "add --quantize w4g128 (or a recipe)")
+        if calib and calib_text:
+            raise EdgeccError("give either --calib or --calib-text, not both", "drop one of them")
+        check_method(method, bool(calib or calib_text))
+    is_llm = max_context is not None or prefill is not None or kv_cache is not None or kv_dtype is not None or \
+        (model.is_dir() and (model / "decode.onnx").exists())
+    if is_llm and (emit != "shared" or embed_params or bindings):
+        raise EdgeccError("decoder builds do not take --emit static, --embed-params or --dim yet",
+                          "drop those options (the decoder's only symbolic dim is the KV length)")
     err.print(f"building [bold]{model.name}[/] for [bold]{target}[/] -> {out_dir}")
     progress = _StageProgress(err)
     t0 = time.perf_counter()
     ok = False
     try:
-        result = build_artifact(model, out_dir, target=target, dims=bindings, force=force,
-                                schedules=not no_schedules, progress=progress, quantize=quantize,
-                                emit=emit, embed_params=embed_params, tuning_db=tuning_db)
+        if is_llm:
+            from edgecc.build_llm import build_llm_artifact
+
+            result = build_llm_artifact(model, out_dir, target=target, prefill=prefill,
+                                        max_context=max_context or 2048,
+                                        kv_cache=[n.strip() for n in kv_cache.split(",")] if kv_cache else None,
+                                        tokenizer=tokenizer, force=force, schedules=not no_schedules,
+                                        progress=progress, tuning_db=tuning_db, quantize=quantize,
+                                        kv_dtype=kv_dtype,
+                                        method=method, calib=calib, calib_text=calib_text)
+        else:
+            result = build_artifact(model, out_dir, target=target, dims=bindings, force=force,
+                                    schedules=not no_schedules, progress=progress, quantize=quantize,
+                                    emit=emit, embed_params=embed_params, tuning_db=tuning_db,
+                                    method=method, calib=calib, calib_text=calib_text)
         ok = True
     finally:
         progress.close(ok)
     mem = result.manifest["memory"]
     files = result.manifest["files"]
+    kv = f", KV cache {_fmt_bytes(mem['kv_cache_bytes'])}" if "kv_cache_bytes" in mem else ""
     out.print(f"built {out_dir} in {time.perf_counter() - t0:.1f} s: "
               f"model.so {_fmt_bytes(files['model.so']['bytes'])}, weights {_fmt_bytes(mem['weights_bytes'])}, "
-              f"arena {_fmt_bytes(max(mem['arena_bytes'].values(), default=0))}")
+              f"arena {_fmt_bytes(max(mem['arena_bytes'].values(), default=0))}{kv}")
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -298,7 +349,13 @@ def _inspect_artifact(path: Path, as_json: bool):
     tgt = manifest["target"]
     out.print(f"[bold]{path}[/]: target {tgt['name']} ({tgt['arch']}, {', '.join(tgt['features']) or '-'}), "
               f"built from {manifest['model']['file']}")
-    _print_signature(manifest["signature"]["built"], "signature (as built)")
+    llm = manifest.get("llm")
+    if llm:
+        for entry, desc in llm["entries"].items():
+            _print_signature({"inputs": desc["inputs"], "outputs": desc["outputs"]},
+                             f"entry '{entry}' ({desc['seq']} token(s) per call) + KV cache + position")
+    else:
+        _print_signature(manifest["signature"]["built"], "signature (as built)")
     mem = manifest["memory"]
     table = Table(title="memory plan")
     table.add_column("item")
@@ -306,6 +363,11 @@ def _inspect_artifact(path: Path, as_json: bool):
     table.add_row("weights", _fmt_bytes(mem["weights_bytes"]))
     for fn, n in mem["arena_bytes"].items():
         table.add_row(f"activation arena ({fn})", _fmt_bytes(n))
+    if llm:
+        kv = llm["kv_cache"]
+        table.add_row(f"KV cache per token ({len(kv['names'])} tensors, {kv['dtype']})",
+                      _fmt_bytes(kv["bytes_per_token"]))
+        table.add_row(f"KV cache at max context ({llm['max_context']})", _fmt_bytes(mem["kv_cache_bytes"]))
     table.add_row("total", _fmt_bytes(mem["total_bytes"]))
     out.print(table)
     comp = manifest["compression"]
@@ -357,22 +419,33 @@ def models():
 @user_errors
 def models_list():
     """List the exportable models."""
-    from edgecc.models.registry import MODELS
+    from edgecc.models.registry import LLMS, MODELS
 
     for name, entry in MODELS.items():
         out.print(f"{name:<22} {entry.description}")
+    for name, entry in LLMS.items():
+        out.print(f"{name:<22} [decoder, exports a directory] {entry.description}")
 
 
 @models.command("export")
 @click.argument("name")
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(path_type=Path))
+@click.option("--prefill-len", type=int, default=None, help="Decoders: tokens per prefill call (padded).")
 @user_errors
-def models_export(name: str, out_path: Path):
-    """Export model NAME to an ONNX file."""
-    from edgecc.models.registry import MODELS
+def models_export(name: str, out_path: Path, prefill_len: int | None = None):
+    """Export model NAME to an ONNX file (decoders: to a directory with prefill.onnx and decode.onnx)."""
+    from edgecc.models.registry import LLMS, MODELS
 
+    if name in LLMS:
+        if prefill_len is not None and prefill_len < 1:
+            raise EdgeccError(f"--prefill-len must be >= 1, got {prefill_len}", "e.g. --prefill-len 128")
+        with err.status(f"exporting {name} (weights, prefill and decode graphs)..."):
+            LLMS[name].export(out_path, prefill_len)
+        size = sum(f.stat().st_size for f in out_path.iterdir())
+        out.print(f"wrote {out_path}/ ({', '.join(sorted(f.name for f in out_path.iterdir()))}; {_fmt_bytes(size)})")
+        return
     if name not in MODELS:
-        raise EdgeccError(f"unknown model '{name}'", "use one of: " + ", ".join(MODELS))
+        raise EdgeccError(f"unknown model '{name}'", "use one of: " + ", ".join([*MODELS, *LLMS]))
     with err.status(f"exporting {name}..."):
         MODELS[name].export(out_path)
     out.print(f"wrote {out_path} ({_fmt_bytes(out_path.stat().st_size)})")
@@ -382,3 +455,5 @@ from edgecc.cli_tune import tune  # noqa: E402 - registered last: it imports thi
 main.add_command(tune)
 from edgecc.cli_validate import validate  # noqa: E402 - registered last: it imports this module's helpers
 main.add_command(validate)
+from edgecc.cli_generate import generate  # noqa: E402 - registered last: it imports this module's helpers
+main.add_command(generate)

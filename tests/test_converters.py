@@ -263,3 +263,266 @@ def test_converters_can_be_disabled():
         assert "MatMulNBits" not in converters.op_types()
     finally:
         converters.set_enabled(True)
+
+
+# ------------------------------------------------------------------ attention family
+
+
+def _f32(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["4d", "3d_gqa_causal", "bool_mask", "past_present", "softcap_mode3"])
+def test_attention_standard(kind):
+    b, hq, hkv, s, d = 2, 4, 4, 5, 8
+    attrs, feeds, outs = {}, {}, ["y"]
+    if kind == "3d_gqa_causal":
+        hkv = 2
+        attrs = {"q_num_heads": hq, "kv_num_heads": hkv, "is_causal": 1}
+        feeds = {"q": _f32(b, s, hq * d), "k": _f32(b, s, hkv * d), "v": _f32(b, s, hkv * d)}
+    else:
+        feeds = {"q": _f32(b, hq, s, d), "k": _f32(b, hkv, s, d), "v": _f32(b, hkv, s, d)}
+    names = ["q", "k", "v"]
+    if kind == "bool_mask":
+        feeds["m"] = rng.random((s, s)) < 0.7
+        feeds["m"][:, 0] = True
+        names.append("m")
+    if kind == "past_present":
+        feeds["pk"], feeds["pv"] = _f32(b, hkv, 3, d), _f32(b, hkv, 3, d)
+        names += ["", "pk", "pv"]
+        attrs = {"is_causal": 1}
+        outs = ["y", "present_k", "present_v"]
+    if kind == "softcap_mode3":
+        attrs = {"softcap": 2.0, "qk_matmul_output_mode": 3, "scale": 0.5}
+        outs = ["y", "", "", "qk"]
+    node = h.make_node("Attention", names, outs, **attrs)
+    inputs = [_vi(n, T.BOOL if n == "m" else T.FLOAT, list(feeds[n].shape)) for n in names if n]
+    model = _model([node], inputs, [h.make_empty_tensor_value_info(o) for o in outs if o], opset=23)
+    _check(model, feeds)
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("rot_dim", [0, 4])
+def test_rotary_embedding_standard(interleaved, rot_dim):
+    b, s, heads, d = 2, 3, 2, 8
+    half = (rot_dim or d) // 2
+    node = h.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], interleaved=interleaved,
+                       num_heads=heads, rotary_embedding_dim=rot_dim)
+    inits = [numpy_helper.from_array(_f32(16, half), "cos"), numpy_helper.from_array(_f32(16, half), "sin")]
+    model = _model([node], [_vi("x", T.FLOAT, [b, s, heads * d]), _vi("pos", T.INT64, [b, s])],
+                   [_vi("y", T.FLOAT, [b, s, heads * d])], inits, opset=23)
+    _check(model, {"x": _f32(b, s, heads * d), "pos": rng.integers(0, 16, size=(b, s)).astype(np.int64)})
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+def test_rotary_embedding_microsoft(interleaved):
+    b, s, heads, d = 2, 3, 2, 8
+    angles = np.arange(32)[:, None] * (1.0 / 10000 ** (np.arange(d // 2) / (d // 2)))[None, :]
+    node = h.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain=MS, interleaved=interleaved,
+                       num_heads=heads)
+    inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+    model = _model([node], [_vi("x", T.FLOAT, [b, s, heads * d]), _vi("pos", T.INT64, [b, s])],
+                   [_vi("y", T.FLOAT, [b, s, heads * d])], inits, opset=17, ms=True)
+    _check(model, {"x": _f32(b, s, heads * d), "pos": rng.integers(0, 32, size=(b, s)).astype(np.int64)})
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask_past_causal"])
+def test_multi_head_attention(variant):
+    b, s, heads, d = 2, 4, 2, 8
+    hidden = heads * d
+    feeds = {"q": _f32(b, s, hidden), "k": _f32(b, s, hidden), "v": _f32(b, s, hidden)}
+    names, outs, attrs = ["q", "k", "v"], ["y"], {"num_heads": heads}
+    if variant == "mask_past_causal":
+        past = 3
+        feeds["mask"] = np.ones((b, past + s), np.int32)
+        feeds["mask"][1, :2] = 0
+        feeds["pk"], feeds["pv"] = _f32(b, heads, past, d), _f32(b, heads, past, d)
+        names += ["bias", "mask", "", "pk", "pv"]
+        outs += ["present_k", "present_v"]
+        attrs["unidirectional"] = 1
+    inits = [numpy_helper.from_array(_f32(3 * hidden), "bias")] if "bias" in names else []
+    node = h.make_node("MultiHeadAttention", names, outs, domain=MS, **attrs)
+    inputs = [_vi(n, T.INT32 if n == "mask" else T.FLOAT, list(feeds[n].shape)) for n in names if n in feeds]
+    model = _model([node], inputs, [h.make_empty_tensor_value_info(o) for o in outs], inits, opset=17, ms=True)
+    _check(model, feeds)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "decode_rotary"])
+def test_group_query_attention(phase):
+    b, heads, kv_heads, d = 2, 4, 2, 16  # onnxruntime's rotary wants head_size % 16 == 0
+    s, past = (5, 0) if phase == "prefill" else (1, 4)
+    feeds = {"q": _f32(b, s, heads * d), "k": _f32(b, s, kv_heads * d), "v": _f32(b, s, kv_heads * d),
+             "seqlens_k": np.full((b,), past + s - 1, np.int32), "total": np.array(past + s, np.int32)}
+    names = ["q", "k", "v", "", "", "seqlens_k", "total"]
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
+    if past:
+        feeds["pk"], feeds["pv"] = _f32(b, kv_heads, past, d), _f32(b, kv_heads, past, d)
+        names[3:5] = ["pk", "pv"]
+    inits = []
+    if phase == "decode_rotary":
+        angles = np.arange(16)[:, None] * (1.0 / 10000 ** (np.arange(d // 2) / (d // 2)))[None, :]
+        inits = [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+                 numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
+        names += ["cos", "sin"]
+        attrs["do_rotary"] = 1
+    node = h.make_node("GroupQueryAttention", names, ["y", "present_k", "present_v"], domain=MS, **attrs)
+    dtypes = {"seqlens_k": T.INT32, "total": T.INT32}
+    inputs = [_vi(n, dtypes.get(n, T.FLOAT), list(feeds[n].shape)) for n in names if n in feeds]
+    outs = [h.make_empty_tensor_value_info(o) for o in ("y", "present_k", "present_v")]
+    model = _model([node], inputs, outs, inits, opset=17, ms=True)
+    _check(model, feeds)
+
+
+def test_skip_layer_normalization():
+    node = h.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["y"], domain=MS,
+                       epsilon=1e-5)
+    inits = [numpy_helper.from_array(_f32(16), n) for n in ("gamma", "beta", "bias")]
+    model = _model([node], [_vi("x", T.FLOAT, [2, 3, 16]), _vi("skip", T.FLOAT, [2, 3, 16])],
+                   [_vi("y", T.FLOAT, [2, 3, 16])], inits, opset=17, ms=True)
+    _check(model, {"x": _f32(2, 3, 16), "skip": _f32(2, 3, 16)})
+
+
+def test_bias_gelu():
+    node = h.make_node("BiasGelu", ["x", "bias"], ["y"], domain=MS)
+    inits = [numpy_helper.from_array(_f32(16), "bias")]
+    model = _model([node], [_vi("x", T.FLOAT, [3, 16])], [_vi("y", T.FLOAT, [3, 16])], inits, opset=17, ms=True)
+    _check(model, {"x": _f32(3, 16) * 3})
+
+
+# ------------------------------------------------------------------ importer: constant folding
+
+
+def test_import_folds_shape_arithmetic():
+    """Shape -> Gather -> Concat -> Reshape and a computed ReduceMean axis reach TVM as constants."""
+    nodes = [
+        h.make_node("Shape", ["x"], ["shp"]),
+        h.make_node("Gather", ["shp", "i0"], ["d0"], axis=0),
+        h.make_node("Concat", ["d0", "minus1"], ["new_shape"], axis=0),
+        h.make_node("Reshape", ["x", "new_shape"], ["flat"]),
+        h.make_node("Size", ["shp"], ["rank"]),
+        h.make_node("Sub", ["rank", "one"], ["last"]),
+        h.make_node("Unsqueeze", ["last", "zero"], ["axes"]),
+        h.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "i0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    model = _model(nodes, [_vi("x", T.FLOAT, [2, 3, 4])], [_vi("flat", T.FLOAT, [2, 12]), _vi("mean", T.FLOAT, [2, 3])],
+                   inits, opset=18)
+    _check(model, {"x": _f32(2, 3, 4)})
+    from edgecc.frontend.importer import import_model
+    from edgecc.frontend.signature import read_signature
+
+    assert import_model(model, read_signature(model)).params == []  # small int64 inputs are not weights
+
+
+def test_import_inlines_if_with_constant_condition():
+    then_g = h.make_graph([h.make_node("Relu", ["x"], ["t"])], "then", [], [_vi("t", T.FLOAT, [3, 4])])
+    else_g = h.make_graph([h.make_node("Neg", ["x"], ["e"])], "else", [], [_vi("e", T.FLOAT, [3, 4])])
+    nodes = [h.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(False))),
+             h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [3, 4])], [_vi("y", T.FLOAT, [3, 4])], opset=18)
+    _check(model, {"x": _f32(3, 4)})
+
+
+# ------------------------------------------------------------------ float8 casts, losses, small ops
+
+
+@pytest.mark.parametrize("to", [T.FLOAT8E4M3FN, T.FLOAT8E5M2])
+@pytest.mark.parametrize("saturate", [0, 1])
+def test_cast_float8_round_trip(to, saturate):
+    x = np.concatenate([_f32(20) * 4, np.array([1000.0, -1000.0, 0.3125, 1e-7, 0.0], np.float32)])
+    x = x.reshape(5, 5)
+    nodes = [h.make_node("Cast", ["x"], ["f8"], to=to, saturate=saturate),
+             h.make_node("Cast", ["f8"], ["y"], to=T.FLOAT)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [5, 5])], [_vi("y", T.FLOAT, [5, 5])], opset=21)
+    if not saturate and to == T.FLOAT8E4M3FN:
+        x[x > 448] = 300.0  # no inf in E4M3FN: keep NaN out of the comparison
+        x[x < -448] = -300.0
+    _check(model, {"x": x})
+
+
+@pytest.mark.parametrize("op", ["SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_loss_ops(op, reduction):
+    x = _f32(3, 5, 2)
+    if op == "NegativeLogLikelihoodLoss":
+        x = np.log(np.exp(x) / np.exp(x).sum(1, keepdims=True)).astype(np.float32)
+    target = rng.integers(0, 5, size=(3, 2)).astype(np.int64)
+    target[0, 0] = -1
+    node = h.make_node(op, ["x", "t", "w"], ["loss"], reduction=reduction, ignore_index=-1)
+    inits = [numpy_helper.from_array(np.abs(_f32(5)) + 0.1, "w")]
+    out_shape = [] if reduction == "mean" else [3, 2]
+    model = _model([node], [_vi("x", T.FLOAT, [3, 5, 2]), _vi("t", T.INT64, [3, 2])],
+                   [_vi("loss", T.FLOAT, out_shape)], inits, opset=13)
+    _check(model, {"x": x, "t": target})
+
+
+def test_one_hot_negative_indices():
+    node = h.make_node("OneHot", ["i", "depth", "values"], ["y"], axis=1)
+    inits = [numpy_helper.from_array(np.array(5, np.int64), "depth"),
+             numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "values")]
+    model = _model([node], [_vi("i", T.INT64, [2, 3])], [_vi("y", T.FLOAT, [2, 5, 3])], inits, opset=11)
+    _check(model, {"i": np.array([[0, -1, 4], [2, -5, 1]], np.int64)})
+
+
+def test_tensor_scatter_kv_update():
+    node = h.make_node("TensorScatter", ["cache", "update", "idx"], ["y"], axis=2)
+    model = _model([node], [_vi("cache", T.FLOAT, [2, 3, 8, 4]), _vi("update", T.FLOAT, [2, 3, 2, 4]),
+                            _vi("idx", T.INT64, [2])], [_vi("y", T.FLOAT, [2, 3, 8, 4])], opset=24)
+    feeds = {"cache": _f32(2, 3, 8, 4), "update": _f32(2, 3, 2, 4), "idx": np.array([1, 5], np.int64)}
+    _check(model, feeds)
+
+
+@pytest.mark.parametrize("op,attrs", [("LSTM", {"direction": "bidirectional"}), ("GRU", {"linear_before_reset": 1}),
+                                      ("RNN", {"direction": "reverse"})])  # onnxruntime has no layout=1
+def test_recurrent_ops(op, attrs):
+    seq, batch, inp, hid = 4, 2, 3, 5
+    dirs = 2 if attrs.get("direction") == "bidirectional" else 1
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    x_shape = [batch, seq, inp] if attrs.get("layout") else [seq, batch, inp]
+    inits = [numpy_helper.from_array(_f32(dirs, gates * hid, inp) * 0.5, "W"),
+             numpy_helper.from_array(_f32(dirs, gates * hid, hid) * 0.5, "R"),
+             numpy_helper.from_array(_f32(dirs, 2 * gates * hid) * 0.5, "B")]
+    node = h.make_node(op, ["x", "W", "R", "B"], ["y", "y_h"], hidden_size=hid, **attrs)
+    model = _model([node], [_vi("x", T.FLOAT, x_shape)],
+                   [h.make_empty_tensor_value_info("y"), h.make_empty_tensor_value_info("y_h")], inits, opset=14)
+    _check(model, {"x": _f32(*x_shape)})
+
+
+@pytest.mark.parametrize("inverse,onesided", [(0, 0), (0, 1), (1, 0)])
+def test_dft(inverse, onesided):
+    node = h.make_node("DFT", ["x", "", "axis"], ["y"], inverse=inverse, onesided=onesided)
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "axis")]
+    comp = 2 if inverse else 1
+    model = _model([node], [_vi("x", T.FLOAT, [2, 8, comp])], [h.make_empty_tensor_value_info("y")], inits, opset=20)
+    _check(model, {"x": _f32(2, 8, comp)})
+
+
+def test_scan_is_unrolled():
+    """A cumulative sum written as Scan (opset 9+): the importer converts the body once per step."""
+    body = h.make_graph([h.make_node("Add", ["s_in", "x_t"], ["s_out"]), h.make_node("Identity", ["s_out"], ["y_t"])],
+                        "body", [_vi("s_in", T.FLOAT, [3]), _vi("x_t", T.FLOAT, [3])],
+                        [_vi("s_out", T.FLOAT, [3]), _vi("y_t", T.FLOAT, [3])])
+    node = h.make_node("Scan", ["init", "x"], ["final", "ys"], body=body, num_scan_inputs=1,
+                       scan_input_directions=[1])
+    model = _model([node], [_vi("init", T.FLOAT, [3]), _vi("x", T.FLOAT, [4, 3])],
+                   [_vi("final", T.FLOAT, [3]), _vi("ys", T.FLOAT, [4, 3])], opset=16)
+    _check(model, {"init": _f32(3), "x": _f32(4, 3)})
+
+
+def test_loop_with_constant_trip_count_is_unrolled():
+    body = h.make_graph([h.make_node("Identity", ["c_in"], ["c_out"]),
+                         h.make_node("Cast", ["i"], ["i_f"], to=T.FLOAT),
+                         h.make_node("Mul", ["acc_in", "i_f"], ["scaled"]),
+                         h.make_node("Add", ["scaled", "x"], ["acc_out"]),
+                         h.make_node("Identity", ["acc_out"], ["step"])],
+                        "body", [_vi("i", T.INT64, []), _vi("c_in", T.BOOL, []), _vi("acc_in", T.FLOAT, [2])],
+                        [_vi("c_out", T.BOOL, []), _vi("acc_out", T.FLOAT, [2]), _vi("step", T.FLOAT, [2])])
+    node = h.make_node("Loop", ["trip", "cond", "acc0"], ["acc", "steps"], body=body)
+    inits = [numpy_helper.from_array(np.array(3, np.int64), "trip"), numpy_helper.from_array(np.array(True), "cond")]
+    model = _model([node], [_vi("x", T.FLOAT, [2]), _vi("acc0", T.FLOAT, [2])],
+                   [_vi("acc", T.FLOAT, [2]), _vi("steps", T.FLOAT, [3, 2])], inits, opset=16)
+    _check(model, {"x": _f32(2), "acc0": _f32(2)})

@@ -8,6 +8,12 @@ ran the weight transforms, so every matmul weight is a [in, out] parameter of `m
 * the weight parameter is replaced by its packed tensors in place (same position in the parameter list),
   and dropped when nothing else uses it (a weight also used by a non-matmul keeps its float copy too);
 * it returns the new module, the new (name, array) parameter list and a report for the manifest.
+
+`method` picks the algorithm that chooses the codes (docs/compression.md): "rtn" (round to nearest, no data),
+"gptq", "awq" or "smoothquant" (w8a8 layers; others get RTN), each with a `Calibration` (per-weight input
+statistics, edgecc/compress/calibration.py). All store the same packed layout; AWQ and SmoothQuant also
+divide the matmul's input by a per-channel scale s, kept as `x * (1/s)` (a `<name>.input_scale` parameter)
+in front of the quantized matmul. A weight the calibration never saw falls back to RTN (reported).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from tvm import relax
 
 from edgecc.compress.recipe import Recipe, load_recipe
 from edgecc.compress.rtn import QuantizedTensor, quantize_rtn
+from edgecc.errors import EdgeccError
 from edgecc.ir_passes.compression import quantized_matmul
 
 
@@ -106,11 +113,52 @@ def weight_sources(transform_mod: tvm.IRModule | None, deploy_mod: tvm.IRModule,
     return names
 
 
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+CALIBRATED = ("gptq", "awq", "smoothquant")
+
+
+def check_method(method: str | None, has_calib: bool) -> str:
+    """The method name, or a one-line EdgeccError for an unknown method / missing calibration data."""
+    m = (method or "rtn").strip().lower()
+    if m not in METHODS:
+        raise EdgeccError(f"unknown quantization method '{method}'", f"use one of {', '.join(METHODS)}")
+    if m in CALIBRATED and not has_calib:
+        raise EdgeccError(f"--method {m} needs calibration data",
+                          "give --calib file.npz (one array per model input) or --calib-text file.txt")
+    return m
+
+
+def quantize_one(arr: np.ndarray, scheme, method: str, stats) -> tuple[QuantizedTensor, np.ndarray | None, str]:
+    """(quantized weight, input scale s or None (the layer computes (x / s) @ W_q), method actually used)."""
+    if method == "rtn" or stats is None:
+        return quantize_rtn(arr, scheme), None, "rtn"
+    if method == "gptq":
+        from edgecc.compress.gptq import quantize_gptq
+
+        return quantize_gptq(arr, stats.hessian, scheme), None, "gptq"
+    if method == "awq":
+        from edgecc.compress.awq import quantize_awq
+
+        qt, s = quantize_awq(arr, stats.hessian, stats.absmean, scheme)
+        return qt, (None if np.all(s == 1.0) else s), "awq"
+    if method == "smoothquant":
+        if not scheme.act_bits:
+            return quantize_rtn(arr, scheme), None, "rtn"
+        from edgecc.compress.smoothquant import smooth_weight
+
+        ws, s = smooth_weight(arr, stats.absmax)
+        return quantize_rtn(ws, scheme), s, "smoothquant"
+    raise EdgeccError(f"unknown quantization method '{method}'", f"use one of {', '.join(METHODS)}")
+
+
 def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], recipe: str | Recipe,
-                     sources: dict[str, str] | None = None) -> QuantizeResult:
+                     sources: dict[str, str] | None = None, method: str = "rtn",
+                     calibration=None) -> QuantizeResult:
     """Rewrite the eligible matmuls of `mod["main"]` (see module docstring). `params` are the weights in the
-    order main takes them after `num_input`; `sources` maps param names to display/recipe names."""
+    order main takes them after `num_input`; `sources` maps param names to display/recipe names; `method` and
+    `calibration` (an edgecc.compress.calibration.Calibration) choose the algorithm."""
     recipe = load_recipe(recipe)
+    method = check_method(method, calibration is not None)
     report = CompressionReport(recipe.name)
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
@@ -139,18 +187,30 @@ def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], re
             undecided[i] = None
             report.skipped.append({"name": src, "shape": list(shape), "reason": why})
             return None
-        qt = quantize_rtn(np.asarray(arr), scheme)
+        stats = calibration.lookup(src, np.asarray(arr)) if calibration is not None else None
+        if stats is None and calibration is not None:
+            stats = calibration.lookup(pname, np.asarray(arr))
+        qt, in_scale, used = quantize_one(np.asarray(arr), scheme, method, stats)
         base = _base(src)
         new_vars = []
         for key, tensor in qt.tensors().items():
             pn = f"{base}.{'qweight' if key == 'weight' else key}"
             new_vars.append((pn, relax.Var(_var_name(pn), relax.TensorType(tensor.shape, str(tensor.dtype))), tensor))
+        scale_var = None
+        if in_scale is not None:  # x * (1/s) in front of the matmul (AWQ / SmoothQuant)
+            inv = (1.0 / in_scale.astype(np.float64)).astype(np.float32)
+            pn = f"{base}.input_scale"
+            scale_var = (pn, relax.Var(_var_name(pn), relax.TensorType(inv.shape, "float32")), inv)
         k, n = shape
         ann = dict(scheme.to_attrs(), in_features=k, out_features=n, name=src, orig_dtype=str(arr.dtype),
                    orig_bytes=qt.original_nbytes, packed_bytes=qt.nbytes)
-        entry = (qt, new_vars, ann)
+        entry = (qt, new_vars + ([scale_var] if scale_var else []), ann, scale_var)
         quantized[i] = entry
-        report.ops.append(dict(ann, op="matmul", params=[pn for pn, _, _ in new_vars], why=why))
+        extra = {"method": used}
+        if method != "rtn" and used != method:
+            extra["method_note"] = ("no calibration activations for this weight" if stats is None
+                                    else f"{method} applies to a8 schemes only")
+        report.ops.append(dict(ann, op="matmul", params=[pn for pn, _, _ in entry[1]], why=why, **extra))
         return entry
 
     @relax.expr_functor.mutator
@@ -172,8 +232,10 @@ def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], re
             entry = decide(index[w])
             if entry is None:
                 return call
-            _, new_vars, ann = entry
-            vs = [v for _, v, _ in new_vars]
+            _, new_vars, ann, scale_var = entry
+            vs = [v for _, v, _ in new_vars if scale_var is None or v is not scale_var[1]]
+            if scale_var is not None:
+                x = self.builder_.emit(relax.op.multiply(x, scale_var[1]))
             return quantized_matmul(x, vs[0], vs[1], vs[2] if len(vs) > 2 else None, ann)
 
     body = _Rewriter().visit_expr(main.body)
@@ -201,8 +263,42 @@ def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], re
 
 
 def compress_for_build(deploy_mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], quantize: str,
-                       transform_mod: tvm.IRModule | None, original_names: list[str]):
-    """The build's "compress" stage: (new deploy module, new named weights, manifest "compression")."""
+                       transform_mod: tvm.IRModule | None, original_names: list[str], method: str | None = None,
+                       calibration=None):
+    """The build's "compress" stage: (new deploy module, new named weights, manifest "compression").
+
+    `calibration`: a Calibration, or (onnx_path, calib npz, calib text, tokenizer dir) to compute one from
+    (see `calibration_for_build`)."""
     sources = weight_sources(transform_mod, deploy_mod, original_names)
-    result = quantize_weights(deploy_mod, named_weights, quantize, sources)
-    return result.mod, result.params, result.report.to_manifest()
+    if isinstance(calibration, tuple):  # (onnx_path, calib, calib_text, tokenizer_dir)
+        has_calib = calibration[1] is not None or calibration[2] is not None
+    else:
+        has_calib = calibration is not None
+    method = check_method(method, has_calib)
+    if isinstance(calibration, tuple):
+        calibration = calibration_for_build(*calibration) if method != "rtn" else None
+    result = quantize_weights(deploy_mod, named_weights, quantize, sources, method, calibration)
+    manifest = result.report.to_manifest()
+    if method != "rtn":
+        manifest["method"] = method
+        manifest["calibration"] = getattr(calibration, "source", "")
+    return result.mod, result.params, manifest
+
+
+_CALIB_CACHE: dict = {}
+
+
+def calibration_for_build(onnx_path, calib=None, calib_text=None, tokenizer_dir=None):
+    """Calibration of an ONNX model from `--calib file.npz` / `--calib-text file.txt` (cached per build
+    inputs, so an LLM's decode and prefill graphs share one run)."""
+    from pathlib import Path
+
+    from edgecc.compress.calibration import calibrate_onnx
+
+    key = tuple(str(Path(p).resolve()) if p else None for p in (onnx_path, calib, calib_text, tokenizer_dir))
+    if key not in _CALIB_CACHE:
+        _CALIB_CACHE.clear()
+        cal = calibrate_onnx(onnx_path, calib=calib, calib_text=calib_text, tokenizer_dir=tokenizer_dir)
+        cal.source = Path(calib or calib_text).name
+        _CALIB_CACHE[key] = cal
+    return _CALIB_CACHE[key]

@@ -95,9 +95,13 @@ class QuantizedTensor:
         return q.astype(np.float64) * np.repeat(self.scales.astype(np.float64), g, axis=0)
 
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {"weight": self.weight, "scales": self.scales}
+        """The stored tensors, in the kernels' tile-major layout (`QuantScheme.stored_shapes`)."""
+        from edgecc.compress.schemes import column_tile, tile_columns
+
+        t = column_tile(self.shape[1])
+        out = {"weight": tile_columns(self.weight, t), "scales": tile_columns(self.scales, t)}
         if self.zeros is not None:
-            out["zeros"] = self.zeros
+            out["zeros"] = tile_columns(self.zeros, t)
         return out
 
     @property

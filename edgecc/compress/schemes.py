@@ -115,6 +115,18 @@ class QuantScheme:
             out["zeros"] = ((groups, n), "uint8")
         return out
 
+    def stored_shapes(self, in_features: int, out_features: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The shapes params.bin holds and the kernels read: each [rows, N] tensor of `storage_shapes` cut
+        into column tiles, tile-major: [N / T, rows, T] with T = `column_tile(N)`.
+
+        Why: a GEMV reads one tile of columns for all rows; row-major, those rows lie N elements apart (a
+        new page per row for a vocabulary-sized N, which defeats the hardware prefetcher); tile-major they
+        are one contiguous block.
+        """
+        t = column_tile(out_features)
+        return {name: ((shape[1] // t, shape[0], t), dt)
+                for name, (shape, dt) in self.storage_shapes(in_features, out_features).items()}
+
     def packed_nbytes(self, in_features: int, out_features: int) -> int:
         import numpy as np
 
@@ -164,3 +176,20 @@ def parse_scheme(text: str | QuantScheme) -> QuantScheme:
 
 def is_scheme(text: str) -> bool:
     return bool(_SCHEME_RE.match(str(text).strip().lower()))
+
+
+#: columns per storage tile of a quantized weight (a multiple of every target's vector register tile)
+STORAGE_TILE = 64
+
+
+def column_tile(out_features: int) -> int:
+    """Tile width for `QuantScheme.stored_shapes`: STORAGE_TILE when it divides N, else N (one tile)."""
+    return STORAGE_TILE if out_features % STORAGE_TILE == 0 else out_features
+
+
+def tile_columns(a, tile: int):
+    """[rows, N] -> [N / tile, rows, tile], contiguous (numpy)."""
+    import numpy as np
+
+    rows, n = a.shape
+    return np.ascontiguousarray(a.reshape(rows, n // tile, tile).transpose(1, 0, 2))

@@ -13,7 +13,8 @@ Static model ("frozen" inputs). edgecc builds static-shape artifacts, so each ca
 shapes of its data set (graph input shapes are rewritten to them). Inputs that the ONNX spec defines as
 shapes, axes, sizes, counts or modes — the `(op, input index)` pairs in `FROZEN_INPUTS`, e.g. Reshape's
 `shape`, Slice's `starts/ends/axes/steps`, Reduce*'s `axes`, TopK's `K` — are turned into initializers
-holding the data set's values (when they are small: at most `FREEZE_MAX_ELEMENTS` elements). That is what a
+holding the data set's values (when they are small: at most `FREEZE_MAX_ELEMENTS` elements); an
+`*_expanded` case freezes the same inputs as its base case (`base_frozen_names`). That is what a
 real exported model contains, and what `tvm-0.27-facts.md` calls "frozen"; data inputs (Gather indices,
 Clip bounds, quantization scales, ...) always stay runtime inputs. `strict=True` freezes nothing.
 """
@@ -43,9 +44,9 @@ _REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "R
 FROZEN_INPUTS: dict[str, tuple[int, ...]] = {
     **{op: (1,) for op in _REDUCE},
     "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
-    "Slice": (1, 2, 3, 4), "Pad": (1, 3), "Resize": (1, 2, 3), "Upsample": (1,),
-    "ConstantOfShape": (0,), "TopK": (1,), "Split": (1,), "OneHot": (1,), "Range": (0, 1, 2),
-    "CumSum": (1,), "CenterCropPad": (1,), "Trilu": (1,), "Col2Im": (1, 2), "MaxUnpool": (2,),
+    "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3), "Resize": (1, 2, 3), "Upsample": (1,),
+    "ConstantOfShape": (0,), "TopK": (1,), "Split": (1,), "OneHot": (1, 2), "Range": (0, 1, 2),
+    "CumSum": (1,), "CumProd": (1,), "CenterCropPad": (1,), "Trilu": (1,), "Col2Im": (1, 2), "MaxUnpool": (2,),
     "AffineGrid": (1,), "DFT": (1, 2), "STFT": (1, 3), "MelWeightMatrix": (0, 1, 2, 3, 4),
     "HannWindow": (0,), "HammingWindow": (0,), "BlackmanWindow": (0,), "Dropout": (1, 2),
     "NonMaxSuppression": (2, 3, 4), "SplitToSequence": (1,),
@@ -249,6 +250,27 @@ def frozen_input_names(model: onnx.ModelProto, inputs: dict[str, object]) -> lis
     return out
 
 
+def base_frozen_names(case_dir: Path) -> set[str]:
+    """For an `*_expanded` case: the graph inputs its base case's op takes at FROZEN_INPUTS positions.
+
+    An expanded case is the op's function body: its graph inputs are the op's inputs (same names), but they
+    feed Shape/Slice/Size/... nodes rather than the op, so the node rule of `frozen_input_names` misses them.
+    """
+    case_dir = Path(case_dir)
+    base = case_dir.parent / _EXPANDED.sub("", case_dir.name)
+    if base == case_dir or not (base / "model.onnx").is_file():
+        return set()
+    try:
+        model = onnx.load(str(base / "model.onnx"), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return set()
+    nodes = [n for n in model.graph.node if n.op_type != "Constant"]
+    if len(nodes) != 1 or nodes[0].domain not in ("", "ai.onnx"):
+        return set()
+    positions = FROZEN_INPUTS.get(nodes[0].op_type, ())
+    return {name for i, name in enumerate(nodes[0].input) if name and i in positions}
+
+
 def _set_static_shape(info: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
     tt = info.type.tensor_type
     tt.ClearField("shape")
@@ -257,14 +279,19 @@ def _set_static_shape(info: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None
         tt.shape.dim.add().dim_value = int(d)
 
 
-def static_model(model: onnx.ModelProto, data: DataSet, strict: bool = False) -> onnx.ModelProto:
+def static_model(model: onnx.ModelProto, data: DataSet, strict: bool = False,
+                 also_freeze: set[str] = frozenset()) -> onnx.ModelProto:
     """A copy of `model` with graph input shapes fixed to `data`'s, and shape-like inputs frozen.
 
+    `also_freeze`: more input names to freeze when small (an expanded case's, see `base_frozen_names`).
     Sets `data.frozen` to the inputs that became initializers (they are no longer fed at run time).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     frozen = [] if strict else frozen_input_names(out, data.inputs)
+    if not strict:
+        frozen += [n for n in sorted(also_freeze) if n not in frozen and isinstance(data.inputs.get(n), np.ndarray)
+                   and data.inputs[n].size <= FREEZE_MAX_ELEMENTS]
     data.frozen = {n: data.inputs[n] for n in frozen}
     keep = []
     for info in out.graph.input:

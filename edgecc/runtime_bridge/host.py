@@ -87,6 +87,9 @@ class LoadedArtifact:
     def __init__(self, artifact_dir: str | Path, num_threads: int | None = None):
         self.dir = Path(artifact_dir)
         self.manifest = art.read_manifest(self.dir)
+        if self.manifest.get("llm"):
+            raise EdgeccError(f"'{self.dir}' is a decoder with a KV cache (entry points prefill/decode), not a "
+                              "single-call model", f"use `edgecc generate {self.dir} --prompt ...`")
         art.verify_file_hashes(self.dir, self.manifest)
         self.signature = Signature.from_json(self.manifest["signature"]["built"])
         self.index_bounds = self.manifest["signature"].get("index_bounds", {})

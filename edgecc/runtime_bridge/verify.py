@@ -42,7 +42,8 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> OutputReport:
     if g.size == 0:
         return OutputReport(name, str(ref.dtype), tuple(ref.shape), 0.0, 0.0, 1.0, tol, True)
     finite = np.isfinite(r)
-    same_nonfinite = bool(np.array_equal(np.isfinite(g), finite) and np.array_equal(g[~finite], r[~finite]))
+    same_nonfinite = bool(np.array_equal(np.isfinite(g), finite)
+                          and np.array_equal(g[~finite], r[~finite], equal_nan=True))  # NaN where NaN is expected
     diff = np.abs(g[finite] - r[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(r[finite]).max()) if diff.size else 0.0

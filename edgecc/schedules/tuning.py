@@ -660,6 +660,7 @@ def tune_model(
         raise EdgeccError(f"--time-budget must be positive (got {time_budget_s})", "pass seconds, e.g. 300")
 
     spec = get_target(target)
+    rpc_key = rpc_key or (spec.rpc_key if rpc is not None else None)  # a plugin target may name its boards' key
     if spec.device != "cpu":
         raise EdgeccError(f"tuning for '{spec.name}' ({spec.device}) is not supported yet",
                           "tune a CPU target; GPU targets use the default dlight schedules")

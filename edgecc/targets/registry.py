@@ -39,6 +39,9 @@ class TargetSpec:
     vector_mnemonics: tuple[str, ...] = ()  # instructions that show the vector unit in the disassembly
     objdump: tuple[str, ...] = ("objdump", "-d")  # a disassembler that decodes this ISA
     plugin: str | None = None  # distribution name of the vendor package that registered it
+    # -- vendor plugins (issue #4 item 5): see edgecc/targets/byoc.py and docs/targets.md --
+    byoc: str | None = None  # "module:attr" of an edgecc.targets.byoc.ByocSpec: ops offloaded to a vendor codegen
+    rpc_key: str | None = None  # key of the TVM RPC server on the target's boards (`edgecc tune --rpc ... --key`)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- derived facts -------------------------------------------------------------------------
@@ -271,6 +274,11 @@ def _with_plugin(spec: TargetSpec, plugin: str) -> TargetSpec:
     from dataclasses import replace
 
     return replace(spec, plugin=plugin)
+
+
+def host_target() -> TargetSpec:
+    """This machine's target (for plugins that derive a spec from it: `get_target` would recurse)."""
+    return _host_spec()
 
 
 def all_targets() -> list[TargetSpec]:

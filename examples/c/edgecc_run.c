@@ -1,9 +1,12 @@
 /*
  * edgecc_run: run an edgecc model through the C API (edgecc_model.h), with inputs and outputs as raw files.
  *
- *   edgecc_run ARTIFACT_DIR INPUTS.bin OUTPUTS.bin [REPEAT]          model.so + params.bin of the artifact
- *   edgecc_run --linked PARAMS.bin|- INPUTS.bin OUTPUTS.bin [REPEAT] model linked in (--emit static);
- *                                                                    '-': weights linked in (--embed-params)
+ *   edgecc_run [--arena] ARTIFACT_DIR INPUTS.bin OUTPUTS.bin [REPEAT]          model.so + params.bin
+ *   edgecc_run [--arena] --linked PARAMS.bin|- INPUTS.bin OUTPUTS.bin [REPEAT] model linked in (--emit static);
+ *                                                                              '-': weights linked in
+ *
+ * --arena: allocate the arena once (edgecc_model_arena_bytes) and hand it to the model
+ * (edgecc_model_set_arena): the runs then take no tensor memory from the heap.
  *
  * INPUTS.bin is every input's bytes, in signature order, back to back (little-endian, C order); OUTPUTS.bin
  * gets every output the same way. The model's signature and memory plan are printed on stdout.
@@ -22,6 +25,12 @@ static int fail(const char* what, edgecc_status st) {
   return 1;
 }
 
+/* The model first (its last outputs live in the arena), then the arena. */
+static void finish(edgecc_model* model, void* arena) {
+  edgecc_model_destroy(model);
+  free(arena);
+}
+
 static void print_info(const char* kind, size_t i, const edgecc_tensor_info* info) {
   size_t d;
   printf("%s %lu: %s %s [", kind, (unsigned long)i, info->name, info->dtype);
@@ -38,12 +47,15 @@ int main(int argc, char** argv) {
   size_t n_in = 0, n_out = 0, i;
   long repeat = 1, r;
   FILE* f;
-  int linked = argc > 1 && strcmp(argv[1], "--linked") == 0;
-  int base = linked ? 2 : 1;
+  void* arena = NULL;
+  size_t arena_bytes = 0;
+  int use_arena = argc > 1 && strcmp(argv[1], "--arena") == 0;
+  int linked = argc > 1 + use_arena && strcmp(argv[1 + use_arena], "--linked") == 0;
+  int base = 1 + use_arena + linked;
 
   if (argc < base + 3 || argc > base + 4) {
-    fprintf(stderr, "usage: edgecc_run ARTIFACT_DIR INPUTS.bin OUTPUTS.bin [REPEAT]\n"
-                    "       edgecc_run --linked PARAMS.bin|- INPUTS.bin OUTPUTS.bin [REPEAT]\n");
+    fprintf(stderr, "usage: edgecc_run [--arena] ARTIFACT_DIR INPUTS.bin OUTPUTS.bin [REPEAT]\n"
+                    "       edgecc_run [--arena] --linked PARAMS.bin|- INPUTS.bin OUTPUTS.bin [REPEAT]\n");
     return 2;
   }
   in_path = argv[base + 1];
@@ -64,11 +76,10 @@ int main(int argc, char** argv) {
   printf("memory: weights %llu, arena %llu, workspace %llu, io %llu bytes\n", (unsigned long long)mem.weights_bytes,
          (unsigned long long)mem.arena_bytes, (unsigned long long)mem.workspace_bytes,
          (unsigned long long)mem.io_bytes);
-
   f = fopen(in_path, "rb");
   if (f == NULL) {
     fprintf(stderr, "edgecc_run: cannot open %s\n", in_path);
-    edgecc_model_destroy(model);
+    finish(model, arena);
     return 1;
   }
   for (i = 0; i < n_in; ++i) {
@@ -81,31 +92,57 @@ int main(int argc, char** argv) {
               info.name, (unsigned long)info.nbytes);
       free(buf);
       fclose(f);
-      edgecc_model_destroy(model);
+      finish(model, arena);
       return 1;
     }
     st = edgecc_model_set_input(model, i, buf, info.nbytes);
     free(buf);
     if (st != EDGECC_OK) {
       fclose(f);
-      edgecc_model_destroy(model);
+      finish(model, arena);
       return fail("set_input", st);
     }
   }
   fclose(f);
 
+  /* after the inputs: the arena is what the runs use (the example's own read buffers are gone by now) */
+  if (use_arena) {
+    st = edgecc_model_arena_bytes(model, &arena_bytes);
+    if (st != EDGECC_OK) {
+      finish(model, arena);
+      return fail("arena_bytes", st);
+    }
+    arena = malloc(arena_bytes);
+    if (arena == NULL) {
+      fprintf(stderr, "edgecc_run: cannot allocate a %lu-byte arena\n", (unsigned long)arena_bytes);
+      finish(model, arena);
+      return 1;
+    }
+    st = edgecc_model_set_arena(model, arena, arena_bytes);
+    if (st != EDGECC_OK) {
+      finish(model, arena);
+      return fail("set_arena", st);
+    }
+    printf("arena: %lu bytes, caller-provided\n", (unsigned long)arena_bytes);
+  }
+
   for (r = 0; r < repeat; ++r) {
     st = edgecc_model_run(model);
     if (st != EDGECC_OK) {
-      edgecc_model_destroy(model);
+      finish(model, arena);
       return fail("run", st);
     }
+  }
+  if (use_arena) {
+    size_t used = 0;
+    edgecc_model_arena_used(model, &used);
+    printf("arena: %lu of %lu bytes used\n", (unsigned long)used, (unsigned long)arena_bytes);
   }
 
   f = fopen(out_path, "wb");
   if (f == NULL) {
     fprintf(stderr, "edgecc_run: cannot write %s\n", out_path);
-    edgecc_model_destroy(model);
+    finish(model, arena);
     return 1;
   }
   for (i = 0; i < n_out; ++i) {
@@ -116,12 +153,12 @@ int main(int argc, char** argv) {
     st = edgecc_model_output_data(model, i, &data, &nbytes);
     if (st != EDGECC_OK || fwrite(data, 1, nbytes, f) != nbytes) {
       fclose(f);
-      edgecc_model_destroy(model);
+      finish(model, arena);
       return st != EDGECC_OK ? fail("output", st) : 1;
     }
   }
   fclose(f);
-  edgecc_model_destroy(model);
+  finish(model, arena);
   printf("ok: %lu inputs, %lu outputs, %ld runs\n", (unsigned long)n_in, (unsigned long)n_out, repeat);
   return 0;
 }

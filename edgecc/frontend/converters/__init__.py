@@ -7,9 +7,14 @@ registry before TVM's converter map, and `op_support` counts these ops as suppor
 those of TVM's converters (`params` = [graph nodes, params]), plus the model's default-domain opset.
 
 Modules: `standard.py` (default-domain ops: Shape, Constant, LayerNormalization with Mean/InvStdDev,
-RMSNormalization), `quantized.py` (QuantizeLinear/DequantizeLinear per-tensor, per-axis and blocked,
-QLinearMatMul, QLinearConv, ConvInteger), `contrib.py` (com.microsoft: MatMulNBits,
-SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization).
+RMSNormalization, the loss ops, EyeLike, OneHot, Swish/SwiGLU/Celu, LpNormalization, CumProd,
+ReverseSequence, BitCast, CenterCropPad, TensorScatter, Dropout's mask, mixed-type Pow, bool ReduceMax/Min),
+`attention.py` (standard Attention and RotaryEmbedding; com.microsoft RotaryEmbedding, MultiHeadAttention,
+GroupQueryAttention), `float8.py` (Cast/CastLike to and from the float8 types), `quantized.py`
+(QuantizeLinear/DequantizeLinear per-tensor, per-axis and blocked, QLinearMatMul, QLinearConv, ConvInteger),
+`contrib.py` (com.microsoft: MatMulNBits, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization).
+TVM's own converters are used (and tested in tests/test_converters.py) for DynamicQuantizeLinear,
+MatMulInteger, FastGelu, BiasGelu and SkipLayerNormalization.
 
 `set_enabled(False)` turns the registry off, leaving TVM's importer alone (`edgecc validate
 --no-converters` uses it to measure what these converters add).
@@ -47,7 +52,7 @@ def register(op_type: str, domain: str = "", *more_domains: str):
 def _load() -> None:
     if not _state["loaded"]:
         _state["loaded"] = True
-        from edgecc.frontend.converters import contrib, quantized, standard  # noqa: F401 - registers
+        from edgecc.frontend.converters import attention, contrib, float8, quantized, standard  # noqa: F401 - registers
 
 
 def set_enabled(enabled: bool) -> None:

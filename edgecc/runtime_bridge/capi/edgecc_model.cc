@@ -4,6 +4,9 @@
  *
  * Build: c++ -std=c++17 -O2 -fPIC -c edgecc_model.cc -I<dir of edgecc_model.h> -I<tvm_ffi include>
  * Link:  libtvm_runtime (registers the Relax VM; link it with --no-as-needed) and libtvm_ffi.
+ * One TVM runtime header is needed besides them: tvm/runtime/device_api.h (with tvm/runtime/base.h), for the
+ * caller-provided arena (below); firmware.py passes the TVM wheel's include dir, a shared artifact carries
+ * the two files in cmake/tvm_include/.
  *
  * Two ways to get a model:
  *  - edgecc_model_create(dir): loads dir/model.so with the TVM module loader, reads dir/manifest.json for
@@ -11,6 +14,17 @@
  *  - edgecc_model_create_linked(params): the kernels and the VM bytecode are linked into the program as a
  *    TVM "system library" (objects of `--emit static`); the manifest subset and, with `--embed-params`,
  *    params.bin are linked in too (symbols below, defined by edgecc_model_data.S of the build).
+ *
+ * Caller-provided arena (edgecc_model_set_arena): the Relax VM takes every tensor's memory from the CPU
+ * DeviceAPI (vm.builtin.alloc_storage -> memory::NaiveAllocator::Alloc -> DeviceAPI::Get(cpu)->AllocDataSpace;
+ * kernel scratch: TVMBackendAllocWorkspace -> DeviceAPI::Get(cpu)->AllocWorkspace). The runtime looks that
+ * API up once, through the global function "device_api.cpu" (src/runtime/device_api.cc,
+ * DeviceAPIManager::GetAPI). Before the first model is created, this file re-registers "device_api.cpu"
+ * (override) with a DeviceAPI that forwards to TVM's own CPU API, except on a thread that is inside
+ * edgecc_model_run of a model with an arena: there, data space and workspace come from the arena (a
+ * first-fit allocator over the caller's buffer), and an arena that is too small makes the run fail with
+ * EDGECC_ERR_OUT_OF_MEMORY. Such a model's VM uses the naive allocator (the pooled one
+ * keeps blocks process-wide, beyond the life of a caller's buffer).
  */
 
 #include "edgecc_model.h"
@@ -28,7 +42,9 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
+#include <tvm/runtime/device_api.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -36,6 +52,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -175,6 +192,184 @@ class Sha256 {
   uint8_t buf_[64];
   size_t fill_ = 0;
   uint64_t total_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Caller-provided arena: a CPU DeviceAPI that serves a model's run from the caller's buffer
+// ---------------------------------------------------------------------------------------------
+
+/*! \brief A first-fit allocator over the caller's buffer, with its block table sized once (set_arena), so
+ *  that nothing in it allocates from the heap.
+ *
+ *  Live blocks never overlap, so a pointer names one block: a free is never ambiguous, even for blocks
+ *  freed late (the Relax VM keeps its last return value, the previous run's outputs, until the next call
+ *  returns; those blocks stay live across runs and the allocator works around them). */
+struct Arena {
+  uint8_t* base = nullptr;  // first 64-byte aligned byte of the caller's buffer
+  size_t size = 0;          // usable bytes from base
+  size_t high = 0;          // highest end of a block since set_arena
+  size_t allocations = 0;   // blocks handed out since set_arena
+  size_t stray_frees = 0;   // frees of pointers in the buffer that name no live block (never expected)
+  struct Block {
+    size_t begin, end;
+  };
+  std::vector<Block> blocks;  // live blocks sorted by begin; capacity fixed at set_arena
+  // the first request that did not fit (reported by edgecc_model_run)
+  bool overflow = false;
+  size_t failed_bytes = 0, failed_live = 0;
+
+  bool Owns(const void* p) const {
+    auto* b = static_cast<const uint8_t*>(p);
+    return base != nullptr && b >= base && b < base + size;
+  }
+  size_t LiveBytes() const {
+    size_t n = 0;
+    for (const Block& b : blocks) n += b.end - b.begin;
+    return n;
+  }
+  void* Alloc(size_t nbytes, size_t alignment) {
+    if (alignment < kAlign) alignment = kAlign;
+    size_t need = (nbytes + kAlign - 1) / kAlign * kAlign;
+    if (need == 0) need = kAlign;
+    size_t pos = 0, start = 0;
+    for (; pos < blocks.size(); ++pos) {  // the first gap that fits
+      if (start + need <= blocks[pos].begin) break;
+      start = (blocks[pos].end + alignment - 1) / alignment * alignment;
+    }
+    if (start + need > size || need < nbytes || blocks.size() == blocks.capacity()) {
+      if (!overflow) overflow = true, failed_bytes = nbytes, failed_live = LiveBytes();
+      TVM_FFI_THROW(RuntimeError) << "edgecc arena exhausted: " << nbytes << " bytes requested, " << LiveBytes()
+                                  << " of " << size << " in use";
+    }
+    blocks.insert(blocks.begin() + static_cast<std::ptrdiff_t>(pos), Block{start, start + need});
+    if (start + need > high) high = start + need;
+    ++allocations;
+    return base + start;
+  }
+  void Free(void* p) {
+    size_t offset = static_cast<size_t>(static_cast<uint8_t*>(p) - base);
+    auto it = std::lower_bound(blocks.begin(), blocks.end(), offset,
+                               [](const Block& b, size_t off) { return b.begin < off; });
+    if (it == blocks.end() || it->begin != offset) {
+      ++stray_frees;
+      return;
+    }
+    blocks.erase(it);
+  }
+};
+
+thread_local Arena* t_arena = nullptr;  // the arena of the model whose run is on this thread
+std::mutex g_arenas_mutex;
+std::vector<Arena*> g_arenas;  // every arena set on a model (frees may come from any thread)
+
+Arena* OwnerOf(const void* p) {
+  if (t_arena != nullptr && t_arena->Owns(p)) return t_arena;
+  std::lock_guard<std::mutex> lock(g_arenas_mutex);
+  for (Arena* a : g_arenas) {
+    if (a->Owns(p)) return a;
+  }
+  return nullptr;
+}
+
+class ArenaCpuDeviceAPI final : public tvm::runtime::DeviceAPI {
+ public:
+  explicit ArenaCpuDeviceAPI(tvm::runtime::DeviceAPI* cpu) : cpu_(cpu) {}
+  using tvm::runtime::DeviceAPI::AllocDataSpace;
+  using tvm::runtime::DeviceAPI::CopyDataFromTo;
+
+  void SetDevice(DLDevice dev) final { cpu_->SetDevice(dev); }
+  void GetAttr(DLDevice dev, tvm::runtime::DeviceAttrKind kind, ffi::Any* rv) final { cpu_->GetAttr(dev, kind, rv); }
+  void* AllocDataSpace(DLDevice dev, size_t nbytes, size_t alignment, DLDataType type_hint) final {
+    if (t_arena != nullptr) return t_arena->Alloc(nbytes, alignment);
+    return cpu_->AllocDataSpace(dev, nbytes, alignment, type_hint);
+  }
+  void FreeDataSpace(DLDevice dev, void* ptr) final {
+    if (Arena* a = OwnerOf(ptr)) return a->Free(ptr);
+    cpu_->FreeDataSpace(dev, ptr);
+  }
+  void* AllocWorkspace(DLDevice dev, size_t nbytes, DLDataType type_hint) final {
+    if (t_arena != nullptr) return t_arena->Alloc(nbytes, tvm::runtime::kTempAllocaAlignment);
+    return cpu_->AllocWorkspace(dev, nbytes, type_hint);
+  }
+  void FreeWorkspace(DLDevice dev, void* ptr) final {
+    if (Arena* a = OwnerOf(ptr)) return a->Free(ptr);
+    cpu_->FreeWorkspace(dev, ptr);
+  }
+  void StreamSync(DLDevice, TVMStreamHandle) final {}
+  bool SupportsDevicePointerArithmeticsOnHost() final { return true; }
+
+ protected:
+  void CopyDataFromTo(const void* from, size_t from_offset, void* to, size_t to_offset, size_t size, DLDevice,
+                      DLDevice, DLDataType, TVMStreamHandle) final {
+    std::memcpy(static_cast<char*>(to) + to_offset, static_cast<const char*>(from) + from_offset, size);
+  }
+
+ private:
+  tvm::runtime::DeviceAPI* cpu_;
+};
+
+struct ArenaHook {
+  bool active = false;
+  std::string why_not;  // when not active
+};
+
+/*! \brief Put ArenaCpuDeviceAPI in front of TVM's CPU DeviceAPI (once per process). */
+const ArenaHook& InstallArenaHook() {
+  static const ArenaHook hook = [] {
+    ArenaHook h;
+    try {
+      ffi::Optional<ffi::Function> factory = ffi::Function::GetGlobal("device_api.cpu");
+      if (!factory.has_value()) {
+        h.why_not = "the TVM runtime registers no device_api.cpu (is libtvm_runtime linked with --no-as-needed?)";
+        return h;
+      }
+      auto* cpu = static_cast<tvm::runtime::DeviceAPI*>((*factory)().cast<void*>());
+      // never destroyed: TVM's DeviceAPIs live until the process exits
+      static auto* api = new ArenaCpuDeviceAPI(cpu);
+      ffi::Function::SetGlobal(
+          "device_api.cpu", ffi::Function::FromTyped([]() -> void* { return static_cast<void*>(api); }),
+          /*override=*/true);
+      // DeviceAPIManager caches the first answer: if someone fetched the CPU API before us, ours is not used
+      if (tvm::runtime::DeviceAPI::Get(kCPU) == api) {
+        h.active = true;
+      } else {
+        h.why_not = "the TVM runtime looked up its CPU DeviceAPI before the first edgecc model was created "
+                    "(DeviceAPIManager caches it), so allocations cannot be redirected to an arena";
+      }
+    } catch (const std::exception& e) {
+      h.why_not = std::string("cannot hook the TVM CPU DeviceAPI: ") + e.what();
+    }
+    return h;
+  }();
+  return hook;
+}
+
+/*! \brief Takes `arena` (may be null) out of the registry when it goes out of scope. */
+class ArenaRegistration {
+ public:
+  explicit ArenaRegistration(Arena* arena) : arena_(arena) {}
+  ~ArenaRegistration() {
+    if (arena_ == nullptr) return;
+    std::lock_guard<std::mutex> lock(g_arenas_mutex);
+    g_arenas.erase(std::remove(g_arenas.begin(), g_arenas.end(), arena_), g_arenas.end());
+  }
+  ArenaRegistration(const ArenaRegistration&) = delete;
+  ArenaRegistration& operator=(const ArenaRegistration&) = delete;
+
+ private:
+  Arena* arena_;
+};
+
+/*! \brief Makes `arena` the one this thread's CPU allocations come from, for the guard's scope. */
+class ArenaScope {
+ public:
+  explicit ArenaScope(Arena* arena) : saved_(t_arena) { t_arena = arena; }
+  ~ArenaScope() { t_arena = saved_; }
+  ArenaScope(const ArenaScope&) = delete;
+  ArenaScope& operator=(const ArenaScope&) = delete;
+
+ private:
+  Arena* saved_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -415,9 +610,38 @@ struct edgecc_model {
   std::vector<ffi::Tensor> results;
   bool has_results = false;
   edgecc_memory_info memory{};
+  std::string entry_name;
+  int64_t arena_need = -1;    // bytes a caller's arena needs (manifest), -1: unknown (dynamic shapes)
+  int64_t arena_blocks = 0;   // storage blocks of the entry function (manifest)
+  std::unique_ptr<Arena> arena;  // the caller's buffer, when edgecc_model_set_arena gave one
+
+  ~edgecc_model() {
+    // tensors in the arena go back to it while it is still registered
+    ArenaRegistration registration(arena.get());
+    results.clear();
+    entry = ffi::Function();
+    vm = ffi::Optional<ffi::Module>();
+  }
 };
 
 namespace {
+
+constexpr int kNaiveAllocator = 1;   // memory::AllocatorType::kNaive
+constexpr int kPooledAllocator = 2;  // memory::AllocatorType::kPooled
+
+/*! \brief A fresh VM for the model's library: CPU 0 with `allocator`. Pooled: after the first run, storage
+ *  comes from TVM's process-wide pool. Naive: every block is allocated and freed (used with an arena, whose
+ *  blocks must not outlive the caller's buffer in a shared pool). */
+void MakeVM(edgecc_model* m, int allocator) {
+  m->results.clear();
+  m->has_results = false;
+  m->entry = ffi::Function();
+  m->vm = ffi::Optional<ffi::Module>();
+  ffi::Module vm = Require(*m->lib, "vm_load_executable", "the model")().cast<ffi::Module>();
+  Require(vm, "vm_initialization", "the model")(static_cast<int>(kDLCPU), 0, allocator);
+  m->entry = Require(vm, m->entry_name, "the model");
+  m->vm = vm;
+}
 
 /*! \brief Everything but the library: signature, memory figures, params, VM. */
 void Init(edgecc_model* m, const ffi::Any& meta, const std::string& where) {
@@ -439,8 +663,8 @@ void Init(edgecc_model* m, const ffi::Any& meta, const std::string& where) {
   if (HasField(meta, "deliverables")) {
     ffi::Any d = Field(meta, "deliverables", where);
     if (HasField(d, "memory") && HasField(Field(d, "memory", where), "workspace_bytes")) {
-      m->memory.workspace_bytes =
-          static_cast<uint64_t>(Int(Field(Field(d, "memory", where), "workspace_bytes", where), where));
+      auto ws = Field(Field(d, "memory", where), "workspace_bytes", where).as<int64_t>();  // null: sized at run time
+      if (ws.has_value()) m->memory.workspace_bytes = static_cast<uint64_t>(*ws);
     }
   }
   for (const TensorSpec& t : m->inputs) {
@@ -450,14 +674,16 @@ void Init(edgecc_model* m, const ffi::Any& meta, const std::string& where) {
     m->memory.io_bytes += t.nbytes;
   }
   for (const TensorSpec& t : m->outputs) m->memory.io_bytes += t.nbytes;
-
-  // One (device type, device id, allocator) triple: CPU 0 with the pooled allocator (naive is 1): after the
-  // first run, storage comes from the pool.
-  ffi::Module vm = Require(*m->lib, "vm_load_executable", where)().cast<ffi::Module>();
-  constexpr int kPooledAllocator = 2;
-  Require(vm, "vm_initialization", where)(static_cast<int>(kDLCPU), 0, kPooledAllocator);
-  m->entry = Require(vm, entry, "the model");
-  m->vm = vm;
+  m->entry_name = entry;
+  if (HasField(meta, "deliverables") && HasField(Field(meta, "deliverables", where), "memory")) {
+    ffi::Any d = Field(Field(meta, "deliverables", where), "memory", where);
+    if (HasField(d, "arena_run_bytes")) {
+      auto need = Field(d, "arena_run_bytes", where).as<int64_t>();  // null with dynamic shapes
+      if (need.has_value()) m->arena_need = *need;
+    }
+    if (HasField(d, "arena_blocks")) m->arena_blocks = Int(Field(d, "arena_blocks", where), where);
+  }
+  MakeVM(m, kPooledAllocator);
 }
 
 std::string ParamsSha(const ffi::Any& meta, const std::string& where, int64_t* bytes) {
@@ -545,6 +771,7 @@ edgecc_status edgecc_model_create(const char* artifact_dir, edgecc_model** out) 
   if (out == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "out is NULL");
   *out = nullptr;
   if (artifact_dir == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "artifact_dir is NULL");
+  InstallArenaHook();  // before the TVM runtime first looks up its CPU DeviceAPI
   std::unique_ptr<edgecc_model> m;
   edgecc_status st = Guard([&] {
     std::string dir(artifact_dir);
@@ -576,6 +803,7 @@ edgecc_status edgecc_model_create_linked(const char* params_path, edgecc_model**
     return SetError(EDGECC_ERR_NOT_LINKED, "no model is linked into this program (link libedgecc_model.a of an "
                                            "`edgecc build --emit static` artifact, or use edgecc_model_create)");
   }
+  InstallArenaHook();  // before the TVM runtime first looks up its CPU DeviceAPI
   std::unique_ptr<edgecc_model> m;
   edgecc_status st = Guard([&] {
     const std::string where = "linked model metadata";
@@ -675,8 +903,13 @@ edgecc_status edgecc_model_run(edgecc_model* model) {
                                             "') was never set (edgecc_model_set_input)");
     }
   }
+  if (!model->vm.has_value()) return SetError(EDGECC_ERR_STATE, "the model has no VM (a failed edgecc_model_set_arena)");
   model->has_results = false;
-  return Guard([&] {
+  Arena* arena = model->arena.get();
+  if (arena != nullptr) arena->overflow = false;
+  edgecc_status st = Guard([&] {
+    ArenaScope scope(arena);  // with an arena, every CPU allocation of this run comes from it
+    model->results.clear();   // the last run's outputs (in the arena, when there is one)
     std::vector<ffi::AnyView> args;
     args.reserve(model->input_tensors.size() + model->params.size());
     for (const ffi::Tensor& t : model->input_tensors) args.emplace_back(t);
@@ -697,6 +930,70 @@ edgecc_status edgecc_model_run(edgecc_model* model) {
     }
     model->has_results = true;
   });
+  if (st != EDGECC_OK && arena != nullptr && arena->overflow) {
+    return SetError(EDGECC_ERR_OUT_OF_MEMORY,
+                    "the arena is too small: " + std::to_string(arena->failed_bytes) + " bytes requested with " +
+                        std::to_string(arena->failed_live) + " of " + std::to_string(arena->size) +
+                        " bytes in use (edgecc_model_arena_bytes gives the size the build planned)");
+  }
+  return st;
+}
+
+edgecc_status edgecc_model_arena_bytes(const edgecc_model* model, size_t* bytes) {
+  if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
+  if (bytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "bytes is NULL");
+  if (model->arena_need < 0) {
+    return SetError(EDGECC_ERR_STATE, "the artifact states no arena size (storage sized at run time, or built by an "
+                                      "older edgecc): a caller-provided arena is not possible");
+  }
+  *bytes = static_cast<size_t>(model->arena_need) + kAlign;  // + slack to align an unaligned buffer
+  return EDGECC_OK;
+}
+
+edgecc_status edgecc_model_set_arena(edgecc_model* model, void* buffer, size_t nbytes) {
+  if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
+  if (buffer == nullptr && nbytes != 0) {
+    return SetError(EDGECC_ERR_NULL_POINTER, "buffer is NULL (give NULL and 0 to let the runtime allocate again)");
+  }
+  size_t need = 0;
+  if (buffer != nullptr) {
+    edgecc_status st = edgecc_model_arena_bytes(model, &need);
+    if (st != EDGECC_OK) return st;
+    if (nbytes < need) {
+      return SetError(EDGECC_ERR_SIZE, "the arena has " + std::to_string(nbytes) + " bytes, the model needs " +
+                                           std::to_string(need) + " (edgecc_model_arena_bytes)");
+    }
+    const ArenaHook& hook = InstallArenaHook();
+    if (!hook.active) return SetError(EDGECC_ERR_STATE, hook.why_not);
+  }
+  return Guard([&] {
+    std::unique_ptr<Arena> fresh;
+    if (buffer != nullptr) {
+      fresh.reset(new Arena());
+      auto addr = reinterpret_cast<uintptr_t>(buffer);
+      size_t skip = static_cast<size_t>((kAlign - addr % kAlign) % kAlign);
+      fresh->base = static_cast<uint8_t*>(buffer) + skip;
+      fresh->size = nbytes - skip;
+      // storage blocks of this run and of the previous run's outputs, plus nested kernel workspaces
+      fresh->blocks.reserve(2 * static_cast<size_t>(model->arena_blocks) + 256);
+      std::lock_guard<std::mutex> lock(g_arenas_mutex);
+      g_arenas.push_back(fresh.get());
+    }
+    // the old VM and outputs go first (their blocks return to the old arena), then the old arena, also when
+    // making the new VM fails
+    std::unique_ptr<Arena> old = std::move(model->arena);
+    ArenaRegistration old_registration(old.get());
+    model->arena = std::move(fresh);
+    MakeVM(model, model->arena ? kNaiveAllocator : kPooledAllocator);
+  });
+}
+
+edgecc_status edgecc_model_arena_used(const edgecc_model* model, size_t* bytes) {
+  if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
+  if (bytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "bytes is NULL");
+  if (!model->arena) return SetError(EDGECC_ERR_STATE, "no arena is set (edgecc_model_set_arena)");
+  *bytes = model->arena->high;
+  return EDGECC_OK;
 }
 
 edgecc_status edgecc_model_output_data(const edgecc_model* model, size_t index, const void** data, size_t* nbytes) {

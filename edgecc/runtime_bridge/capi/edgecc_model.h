@@ -7,6 +7,7 @@
  *     if (edgecc_model_create("path/to/artifact", &m) != EDGECC_OK) {       // or edgecc_model_create_linked
  *         fprintf(stderr, "%s\n", edgecc_last_error());
  *     }
+ *     edgecc_model_set_arena(m, arena, arena_bytes);                        // optional: no heap in run
  *     edgecc_model_set_input(m, 0, data, nbytes);                           // for every input
  *     edgecc_model_run(m);
  *     edgecc_model_get_output(m, 0, buffer, nbytes);                        // for every output
@@ -29,7 +30,7 @@
 extern "C" {
 #endif
 
-#define EDGECC_MODEL_API_VERSION 1
+#define EDGECC_MODEL_API_VERSION 2  /* 2: caller-provided arena */
 
 typedef enum edgecc_status {
   EDGECC_OK = 0,
@@ -89,6 +90,30 @@ edgecc_status edgecc_model_num_outputs(const edgecc_model* model, size_t* count)
 edgecc_status edgecc_model_input_info(const edgecc_model* model, size_t index, edgecc_tensor_info* info);
 edgecc_status edgecc_model_output_info(const edgecc_model* model, size_t index, edgecc_tensor_info* info);
 edgecc_status edgecc_model_memory(const edgecc_model* model, edgecc_memory_info* info);
+
+/* Caller-provided arena (API version 2). Without one, the TVM runtime allocates a run's tensors from the
+ * heap (its pooled allocator keeps them after the first run). With one, every tensor a run allocates
+ * (activations, outputs, kernel workspace) comes from the caller's buffer and edgecc_model_run allocates no
+ * tensor memory from the heap; the outputs of a run live in the arena until the next run.
+ *
+ * edgecc_model_arena_bytes: the size the arena must have, from the build's memory plan (manifest
+ * deliverables.memory.arena_run_bytes: the entry function's storage blocks, each rounded to 64 bytes, plus the
+ * largest kernel workspace, plus the previous run's outputs, which the VM holds until the next run returns;
+ * plus 64 bytes to align an unaligned buffer). EDGECC_ERR_STATE when the artifact states no size (storage
+ * sized at run time).
+ *
+ * edgecc_model_set_arena: use `buffer` (any alignment; `nbytes` >= edgecc_model_arena_bytes, else
+ * EDGECC_ERR_SIZE) for the runs that follow; NULL and 0 go back to runtime allocation. The buffer must stay
+ * valid until another set_arena or destroy. Drops the outputs of the last run. A run that needs more than
+ * the buffer fails with EDGECC_ERR_OUT_OF_MEMORY. EDGECC_ERR_STATE when the TVM runtime in this process
+ * looked up its CPU allocator before the first edgecc model was created (the arena works by standing in
+ * for TVM's CPU DeviceAPI, which the runtime looks up once).
+ * Allocations by TVM's worker threads (parallel kernels with scratch in the loop body) are not redirected.
+ *
+ * edgecc_model_arena_used: the most bytes of the arena in use at once since set_arena. */
+edgecc_status edgecc_model_arena_bytes(const edgecc_model* model, size_t* bytes);
+edgecc_status edgecc_model_set_arena(edgecc_model* model, void* buffer, size_t nbytes);
+edgecc_status edgecc_model_arena_used(const edgecc_model* model, size_t* bytes);
 
 /* Copy `nbytes` (must equal the input's nbytes) into the model's input buffer `index`. */
 edgecc_status edgecc_model_set_input(edgecc_model* model, size_t index, const void* data, size_t nbytes);

@@ -1,0 +1,138 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization.
+
+A few input channels carry large activations; the weights they multiply matter most. AWQ scales input
+channel k of the weight up by s_k before rounding and the activation down by the same s_k, which leaves the
+float product unchanged (x W = (x / s) (diag(s) W)) but gives the salient channels finer effective steps:
+
+    s = mean|x|^a / mean|w_norm|^(1 - a)     (normalised, AutoAWQ's "duo" scaling)
+
+searched over a in {0, 1/20, ..., 19/20} (plus s = 1, so AWQ is never worse than RTN on the calibration
+loss) by the layer's output error on the calibration data. The output error is computed exactly from the
+calibration Hessian H = X^T X: ||X W - X W_q||^2 = tr(dW^T H dW), so no activations are kept. Then AWQ's
+clip search shrinks each group's range (ratios 1 .. 0.5) where that lowers the group's output error.
+
+Where the scale goes: the quantized weight stores diag(s) W (rtn.py's storage, same kernels); the input must
+be divided by s. In a torch Llama, s is folded into the preceding RMSNorm weight (q/k/v share
+`attn_norm`, gate/up share `ffn_norm`) or into up_proj's output rows (for down_proj), as AutoAWQ does; in an
+ONNX build it is kept as an input-side multiply `x * (1/s)` in front of the quantized matmul.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgecc.compress.grid import check_weight, rtn_rows, to_quantized
+from edgecc.compress.rtn import QuantizedTensor
+from edgecc.compress.schemes import QuantScheme, parse_scheme
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+
+
+def _t(a, dtype=None):
+    import torch
+
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    return t.to(dtype or torch.float64)
+
+
+def _loss(w, deq, h32) -> float:
+    """tr(dW H dW^T) for rows w [N, K] (float32 matmul: a search criterion, not a reported number)."""
+    import torch
+
+    d = (w - deq).to(torch.float32)
+    return float(((d @ h32) * d).sum())
+
+
+def search_scale(weights, hessian, act_absmean, scheme: QuantScheme, n_grid: int = N_GRID):
+    """Best per-input-channel scale s [K] (torch float64) for linears sharing one input.
+
+    weights: list of torch rows [N_i, K]; hessian: X^T X [K, K]; act_absmean: mean |x_k| [K].
+    Returns (s, best loss, loss at s = 1).
+    """
+    import torch
+
+    w = torch.cat([_t(x) for x in weights], 0)
+    k = w.shape[1]
+    g = scheme.group_for(k)
+    h = _t(hessian)
+    h32 = h.to(torch.float32)
+    x_mean = _t(act_absmean).clamp(min=1e-8)
+    wg = w.abs().reshape(-1, g)
+    w_mean = (wg / wg.amax(dim=1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)
+
+    ones = torch.ones(k, dtype=torch.float64)
+    base = _loss(w, rtn_rows(w, scheme)[1], h32)
+    best, best_s = base, ones
+    for i in range(n_grid):
+        a = i / n_grid
+        s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        deq = rtn_rows(w * s[None, :], scheme)[1] / s[None, :]
+        loss = _loss(w, deq, h32)
+        if loss < best:
+            best, best_s = loss, s
+    return best_s, best, base
+
+
+def search_clip(w, hessian, scheme: QuantScheme, n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK):
+    """Per (output row, group) range-shrink ratios [N, K/G] minimising the group's output error
+    (the group's diagonal block of H), as AutoAWQ's auto_clip. w: torch rows [N, K] (already scaled)."""
+    import torch
+
+    from edgecc.compress.grid import grid_params, round_to_grid
+
+    w = _t(w)
+    n, k = w.shape
+    g = scheme.group_for(k)
+    h = _t(hessian)
+    ratios = torch.ones((n, k // g), dtype=torch.float64)
+    for j in range(k // g):
+        wj = w[:, j * g:(j + 1) * g]
+        hj = h[j * g:(j + 1) * g, j * g:(j + 1) * g]
+        best = torch.full((n,), float("inf"), dtype=torch.float64)
+        for i in range(int(max_shrink * n_grid)):
+            r = 1.0 - i / n_grid
+            s, z = grid_params(wj, scheme, torch.full((n,), r, dtype=torch.float64))
+            d = wj - round_to_grid(wj, s, z, scheme)[1]
+            err = ((d @ hj) * d).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            ratios[:, j] = torch.where(better, torch.full_like(best, r), ratios[:, j])
+    return ratios
+
+
+def quantize_scaled_rows(w, scale, hessian, scheme: QuantScheme, clip: bool = True):
+    """Quantize rows w [N, K] as AWQ stores them: Q(w * s) with an optional clip search on the scaled
+    problem (H -> diag(1/s) H diag(1/s)). Returns (q, dequantized w*s grid values, scales, zeros)."""
+    import torch
+
+    w = _t(w)
+    s = _t(scale)
+    ws = w * s[None, :]
+    h = _t(hessian)
+    hs = h / s[:, None] / s[None, :]
+    plain = rtn_rows(ws, scheme)
+    if not clip:
+        return plain
+    ratios = search_clip(ws, hs, scheme)
+    clipped = rtn_rows(ws, scheme, ratios)
+    h32 = hs.to(torch.float32)
+    if _loss(ws, clipped[1], h32) <= _loss(ws, plain[1], h32):  # per-group choice; keep it only if it helps
+        return clipped
+    return plain
+
+
+def quantize_awq(w: np.ndarray, hessian: np.ndarray, act_absmean: np.ndarray, scheme: QuantScheme | str,
+                 clip: bool = True, n_grid: int = N_GRID) -> tuple[QuantizedTensor, np.ndarray]:
+    """AWQ of one float weight [K, N] (our layout). Returns (the quantized diag(s) W, s [K] float32):
+    the layer computes (x / s) @ dequantize(...)."""
+    import torch
+
+    scheme = parse_scheme(scheme)
+    check_weight(w, scheme)
+    rows = torch.from_numpy(np.ascontiguousarray(w.T)).to(torch.float64)
+    s, _, _ = search_scale([rows], hessian, act_absmean, scheme, n_grid)
+    s = s.to(torch.float32).to(torch.float64)  # the stored (float32) scale is the one the layer divides by
+    q, _, scales, zeros = quantize_scaled_rows(rows, s, hessian, scheme, clip)
+    return to_quantized(q, scales, zeros, scheme, str(w.dtype)), s.numpy().astype(np.float32)
