@@ -2,7 +2,7 @@
 """SmolLM2-135M: time to first token and decode tokens/s, edgecc vs onnxruntime vs llama.cpp, in one run.
 
     python benchmarks/bench_llm.py                          # exports + builds what it needs under --workdir
-    python benchmarks/bench_llm.py --rounds 5 --steps 16 --contexts 128,1024 --json out.json
+    python benchmarks/bench_llm.py --rounds 3 --steps 8 --contexts 128,1024 --json out.json
 
 Runtimes (each in its own worker process, driven in strict alternation with a pause between calls):
 
@@ -277,7 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--threads", type=int, default=_cores())
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "edgecc" / "bench_llm")
-    ap.add_argument("--pause", type=float, default=0.2)
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="seconds between calls: idle thread pools of the other runtimes disturb llama.cpp (0.2 s: 43 vs 88 tok/s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]

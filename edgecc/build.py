@@ -85,6 +85,15 @@ def lift_weight_transforms(imported):
     return deploy_mod, transform_mod, list(zip(weight_names, weights))
 
 
+def check_build_request(target: str, out_dir, force: bool) -> tuple[TargetSpec, Path]:
+    """Fail before any work on an unknown target, an existing -o without --force, or missing build tools."""
+    out_dir = Path(out_dir)
+    spec = get_target(target)
+    art.check_output_dir(out_dir, force)
+    require_build_tools(spec)
+    return spec, out_dir
+
+
 def stage_timer(say: Progress, timings: dict[str, float]):
     """A context manager factory: `with stage("lower"):` announces the stage and records its seconds."""
 
@@ -147,10 +156,7 @@ def build_artifact(
     """
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
-    out_dir = Path(out_dir)
-    spec = get_target(target)
-    art.check_output_dir(out_dir, force)
-    require_build_tools(spec)
+    spec, out_dir = check_build_request(target, out_dir, force)
     from edgecc.runtime_bridge import firmware  # --emit / --embed-params: docs/firmware.md
 
     firmware.check_options(spec, emit, embed_params)

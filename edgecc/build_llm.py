@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecc.build import (BuildResult, Progress, _export_library, _versions, lift_weight_transforms, stage_timer,
-                          target_manifest)
+from edgecc.build import (BuildResult, Progress, _export_library, _versions, check_build_request,
+                          lift_weight_transforms, stage_timer, target_manifest)
 from edgecc.errors import EdgeccError
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import write_params
-from edgecc.targets.registry import get_target
-from edgecc.targets.toolchain import require_build_tools
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_meta.json")
 
@@ -146,10 +144,7 @@ def build_llm_artifact(
 
     say = progress or (lambda _msg: None)
     timings: dict[str, float] = {}
-    out_dir = Path(out_dir)
-    spec = get_target(target)
-    art.check_output_dir(out_dir, force)
-    require_build_tools(spec)
+    spec, out_dir = check_build_request(target, out_dir, force)
     if spec.device != "cpu":
         raise EdgeccError(f"KV-cache decoder builds support CPU targets only, not '{spec.name}'",
                           "build the decoder for a CPU target (host, x86-*, arm-*, riscv64-rvv)")

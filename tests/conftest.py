@@ -95,3 +95,31 @@ def double_build_digests(tmp_path, monkeypatch, **build_options) -> list[dict[st
                         for p in sorted(out.rglob("*")) if p.is_file()})
         time.sleep(1.1)
     return digests
+
+
+def export_mlp_onnx(path, k: int, hidden: int, n: int, batch: int):
+    """x[batch, k] -> MatMul(k x hidden) + Add -> Relu -> Gemm(transB, n x hidden) -> y[batch, n], seeded weights.
+
+    Returns (path, {"w1", "b1", "w2t" (the Gemm weight as [hidden, n]), "b2"}) for float64 references.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((k, hidden)) / np.sqrt(k)).astype(np.float32)
+    b1 = (0.05 * rng.standard_normal(hidden)).astype(np.float32)
+    w2 = (rng.standard_normal((n, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    b2 = (0.05 * rng.standard_normal(n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"]),
+             helper.make_node("Add", ["h0", "fc1.bias"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])],
+        [numpy_helper.from_array(a, name) for name, a in
+         (("fc1.weight", w1), ("fc1.bias", b1), ("fc2.weight", w2), ("fc2.bias", b2))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path, {"w1": w1, "b1": b1, "w2t": w2.T.copy(), "b2": b2}

@@ -157,28 +157,9 @@ def test_calibration_errors_are_one_line(tmp_path):
 
 
 def _mlp_onnx(path, batch=4):
-    """x[batch, K] -> MatMul(K x HID) + Add -> Relu -> Gemm(transB, N x HID) -> y[batch, N]"""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import export_mlp_onnx
 
-    rng = np.random.default_rng(3)
-    w1 = (rng.standard_normal((K, HID)) / np.sqrt(K)).astype(np.float32)
-    b1 = (0.05 * rng.standard_normal(HID)).astype(np.float32)
-    w2 = (rng.standard_normal((N, HID)) / np.sqrt(HID)).astype(np.float32)
-    b2 = (0.05 * rng.standard_normal(N)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"]),
-             helper.make_node("Add", ["h0", "fc1.bias"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h2"]),
-             helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["y"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, N])],
-        [numpy_helper.from_array(a, n) for n, a in
-         (("fc1.weight", w1), ("fc1.bias", b1), ("fc2.weight", w2), ("fc2.bias", b2))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path, {"w1": w1, "b1": b1, "w2t": w2.T.copy(), "b2": b2}
+    return export_mlp_onnx(path, K, HID, N, batch)
 
 
 @pytest.fixture(scope="module")

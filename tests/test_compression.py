@@ -343,28 +343,9 @@ def test_quantized_module_matches_float64_dequant_reference(scheme, x_shape):
 
 
 def _mlp_onnx(path, batch=2):
-    """x[batch, 64] -> MatMul(64x128) + Add -> Relu -> Gemm(transB, 32x128) -> y[batch, 32]"""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import export_mlp_onnx
 
-    rng = np.random.default_rng(3)
-    w1 = (rng.standard_normal((K, H)) / np.sqrt(K)).astype(np.float32)
-    b1 = (0.05 * rng.standard_normal(H)).astype(np.float32)
-    w2 = (rng.standard_normal((N, H)) / np.sqrt(H)).astype(np.float32)
-    b2 = (0.05 * rng.standard_normal(N)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"]),
-             helper.make_node("Add", ["h0", "fc1.bias"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["h2"]),
-             helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["y"], transB=1)]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, N])],
-        [numpy_helper.from_array(a, n) for n, a in
-         (("fc1.weight", w1), ("fc1.bias", b1), ("fc2.weight", w2), ("fc2.bias", b2))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path, {"w1": w1, "b1": b1, "w2t": w2.T.copy(), "b2": b2}
+    return export_mlp_onnx(path, K, H, N, batch)
 
 
 def _onnx_mlp_ref(x, w, scheme):

@@ -102,8 +102,10 @@ def test_rss_matches_memory_plan(smollm2_build):
 
 
 @pytest.mark.slow
-def test_int8_kv_cache_keeps_greedy_tokens(smollm2_build, tmp_path):
-    """--kv-dtype int8 (3.8x fewer KV bytes): the same 64 greedy tokens as onnxruntime fp32 on the same graphs."""
+def test_int8_kv_cache_close_to_fp32(smollm2_build, tmp_path):
+    """--kv-dtype int8 (3.8x fewer KV bytes) against onnxruntime fp32 on the same graphs, 64 teacher-forced
+    steps per chat prompt: top-1 agrees on >= 60 (observed 64 and 63), logits within 1.5 (observed <= 1.03).
+    Free-running greedy text can part at a near-tie (here at token 10 of one prompt)."""
     from edgecc.build_llm import build_llm_artifact
     from edgecc.runtime_bridge.llm_reference import OrtDecoder
     from edgecc.runtime_bridge.llm_session import LLMSession
@@ -112,6 +114,13 @@ def test_int8_kv_cache_keeps_greedy_tokens(smollm2_build, tmp_path):
     out = tmp_path / "int8"
     result = build_llm_artifact(export_dir, out, max_context=256, kv_dtype="int8")
     assert result.manifest["memory"]["kv_bytes_per_token"] == 30 * 2 * 3 * (64 + 4)
-    ids = CHAT_CASES[1]["ids"]
-    ours, _ = LLMSession(out).generate(ids, 64)
-    assert ours == OrtDecoder(export_dir).greedy(ids, 64)
+    session, ref = LLMSession(out), OrtDecoder(export_dir)
+    for case in CHAT_CASES:
+        a, b = session.prefill(case["ids"]), ref.prefill(case["ids"])
+        agree, worst = 0, 0.0
+        for _ in range(64):
+            worst = max(worst, float(np.abs(a - b).max()))
+            token = int(np.argmax(b))
+            agree += int(np.argmax(a)) == token
+            a, b = session.decode(token), ref.decode(token)
+        assert agree >= 60 and worst <= 1.5, (case["prompt"], agree, worst)
