@@ -46,30 +46,31 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PREFILL = 128
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+from bench_latency import _cores  # noqa: E402 - after the benchmarks folder is on sys.path
 
 
 # ------------------------------------------------------------------------------------------------ runners
 
 
-class EdgeccLLM:
-    def __init__(self, artifact: str, threads: int):
-        from edgecc.runtime_bridge.llm_session import LLMSession
+class SessionLLM:
+    """Times anything with `prefill(ids) -> logits`, `decode(token) -> logits` and a `position`: edgecc's
+    LLMSession and the onnxruntime reference decoder."""
 
-        self.s = LLMSession(artifact, num_threads=threads)
-        self.info = f"TVM threads {threads}, max context {self.s.max_context}"
+    def __init__(self, session, info: str):
+        self.s = session
+        self.info = info
 
     def ttft(self, ids):
         t0 = time.perf_counter_ns()
         logits = self.s.prefill(ids)
         return (time.perf_counter_ns() - t0) / 1e6, int(np.argmax(logits))
 
+    def _at_context(self, context: int) -> None:
+        """Rows < context hold earlier tokens; a step's cost depends only on the position."""
+        self.s.position = context
+
     def decode(self, context: int, steps: int, token: int):
-        self.s.position = context  # rows < context hold earlier tokens; a step's cost depends on the position
+        self._at_context(context)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter_ns()
@@ -78,29 +79,25 @@ class EdgeccLLM:
         return times
 
 
-class OrtLLM:
+class EdgeccLLM(SessionLLM):
+    def __init__(self, artifact: str, threads: int):
+        from edgecc.runtime_bridge.llm_session import LLMSession
+
+        session = LLMSession(artifact, num_threads=threads)
+        super().__init__(session, f"TVM threads {threads}, max context {session.max_context}")
+
+
+class OrtLLM(SessionLLM):
     def __init__(self, export_dir: str, threads: int):
         from edgecc.runtime_bridge.llm_reference import OrtDecoder
 
-        self.d = OrtDecoder(export_dir)
-        self.info = "onnxruntime default threading"
+        super().__init__(OrtDecoder(export_dir), "onnxruntime default threading")
 
-    def ttft(self, ids):
-        t0 = time.perf_counter_ns()
-        logits = self.d.prefill(ids)
-        return (time.perf_counter_ns() - t0) / 1e6, int(np.argmax(logits))
-
-    def decode(self, context: int, steps: int, token: int):
-        kv = self.d.kv
+    def _at_context(self, context: int) -> None:
+        kv = self.s.kv
         if kv[0].shape[2] != context:  # grow/shrink the cache to `context` rows (values irrelevant to cost)
-            self.d.kv = [np.resize(k, (k.shape[0], k.shape[1], context, k.shape[3])).astype(np.float32) for k in kv]
-        self.d.position = context
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter_ns()
-            token = int(np.argmax(self.d.decode(token)))
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-        return times
+            self.s.kv = [np.resize(k, (k.shape[0], k.shape[1], context, k.shape[3])).astype(np.float32) for k in kv]
+        self.s.position = context
 
 
 class LlamaCpp:

@@ -236,13 +236,15 @@ def build_llm_artifact(
     if tokenizer and len(tok_files) != len(TOKENIZER_FILES):
         raise EdgeccError(f"'{tok_dir}' lacks {', '.join(sorted(set(TOKENIZER_FILES) - set(tok_files)))}",
                           "pass the directory an LLM export wrote its tokenizer to")
+    if len(tok_files) != len(TOKENIZER_FILES):
+        tok_files = []  # a partial tokenizer is not shipped: generate then asks for --prompt-ids
 
     with art.atomic_directory(out_dir, force=force) as tmp:
         with stage("link"):
             _export_library(executable, tmp / art.LIBRARY, spec)
         with stage("params"):
             write_params(tmp / art.PARAMS, named_weights)
-        for f in tok_files if len(tok_files) == len(TOKENIZER_FILES) else []:
+        for f in tok_files:
             shutil.copyfile(tok_dir / f, tmp / f)
         weights_bytes = int(sum(w.nbytes for _, w in named_weights))
         arena = {name: m.arena_bytes for name, m in memory.items()}
@@ -260,7 +262,7 @@ def build_llm_artifact(
                 "kv_cache": layout.to_json(),
                 "max_context": max_context,
                 "kv_pairs": [{"input": p.input_name, "output": d_outputs[p.output_index]} for p in pairs],
-                "tokenizer": len(tok_files) == len(TOKENIZER_FILES),
+                "tokenizer": bool(tok_files),
             },
             "target": target_manifest(spec, tvm_target),
             "params": [{"name": n, "dtype": str(w.dtype), "shape": list(w.shape)} for n, w in named_weights],
@@ -277,7 +279,7 @@ def build_llm_artifact(
             },
             "versions": _versions(),
             "files": {name: {"sha256": art.sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                      for name in (art.LIBRARY, art.PARAMS, *(tok_files if len(tok_files) == 2 else []))},
+                      for name in (art.LIBRARY, art.PARAMS, *tok_files)},
         }
         art.write_manifest(tmp, manifest)
     return BuildResult(out_dir, manifest, timings)
