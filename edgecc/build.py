@@ -178,7 +178,9 @@ def build_artifact(
     with stage("weights"):
         deploy_mod, transform_mod, named_weights = lift_weight_transforms(imported)
 
-    compression = {"scheme": "none", "annotated_ops": []}
+    from edgecc.compress.quantize import imported_compression
+
+    compression = imported_compression(deploy_mod)  # ops the model brought quantized (docs/compression.md)
     if quantize:  # a scheme ("w4g32") or a recipe file: see edgecc/compress and docs/compression.md
         with stage("compress"):
             from edgecc.compress.quantize import compress_for_build

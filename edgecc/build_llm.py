@@ -67,7 +67,9 @@ def _import_graph(role: str, path: Path, quantize: str | None, method: str | Non
     imported = import_model(model, sig)
     del model
     deploy_mod, transform_mod, named_weights = lift_weight_transforms(imported)
-    compression = {"scheme": "none", "annotated_ops": []}
+    from edgecc.compress.quantize import imported_compression
+
+    compression = imported_compression(deploy_mod)  # ops the model brought quantized (docs/compression.md)
     if quantize:
         from edgecc.compress.quantize import compress_for_build
 

@@ -404,17 +404,19 @@ def test_cli_build_quantize_and_inspect(cli, tmp_path):
         assert r.exit_code == 2 and message in r.output and "load" not in r.output, r.output
 
 
-def test_arm_neon_build_quantized(tmp_path):
+@pytest.mark.parametrize("target,scheme", [("arm-neon", "w4g32"), ("arm-neon", "w8a8"), ("arm-dotprod", "w8a8")])
+def test_arm_neon_build_quantized(tmp_path, target, scheme):
+    """Cross builds under qemu; w8a8 takes the generic kernel on plain NEON and the sdot kernel with dotprod."""
     from edgecc.build import build_artifact
     from edgecc.targets.registry import get_target
 
-    spec = get_target("arm-neon")
+    spec = get_target(target)
     status = spec.sdk_status()
     if not status.can_build:
         pytest.skip("no aarch64 cross toolchain")
     onnx_path, w = _mlp_onnx(tmp_path / "mlp.onnx")
     out = tmp_path / "arm"
-    result = build_artifact(onnx_path, out, target="arm-neon", quantize="w4g32")
+    result = build_artifact(onnx_path, out, target=target, quantize=scheme)
     assert len(result.manifest["compression"]["annotated_ops"]) == 2
     assert (out / "model.so").read_bytes()[:4] == b"\x7fELF"
     if not status.can_run:
@@ -423,7 +425,7 @@ def test_arm_neon_build_quantized(tmp_path):
 
     x = np.random.default_rng(5).standard_normal((2, K)).astype(np.float32)
     (got,) = run_emulated(out, spec, [x])
-    ref = _onnx_mlp_ref(x, w, "w4g32")
+    ref = _onnx_mlp_ref(x, w, scheme)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 

@@ -112,6 +112,30 @@ def test_wrong_expected_output_is_a_numerics_failure(tmp_path):
     assert "max abs err 0.5" in r["reason"]
 
 
+def test_subbyte_case_is_fed_and_compared_as_byte_containers(tmp_path):
+    """int4 data of a case (ml_dtypes arrays) go in and come back one element per byte; a wrong value fails."""
+    import ml_dtypes
+
+    from edgecc.conformance.worker import run_case
+
+    results = {}
+    for name, wrong in (("test_int4_good", False), ("test_int4_bad", True)):
+        d = tmp_path / name
+        (d / "test_data_set_0").mkdir(parents=True)
+        graph = h.make_graph([h.make_node("Cast", ["x"], ["y"], to=T.INT4)], name,
+                             [h.make_tensor_value_info("x", T.INT4, [6])], [h.make_tensor_value_info("y", T.INT4, [6])])
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]), str(d / "model.onnx"))
+        x = np.array([-8, -3, 0, 1, 5, 7]).astype(ml_dtypes.int4)
+        y = (x.astype(np.int8) + (1 if wrong else 0)).astype(ml_dtypes.int4)  # 7 + 1 wraps to -8
+        (d / "test_data_set_0" / "input_0.pb").write_bytes(numpy_helper.from_array(x, "x").SerializeToString())
+        (d / "test_data_set_0" / "output_0.pb").write_bytes(numpy_helper.from_array(y, "y").SerializeToString())
+        results[name] = run_case({"name": name, "dir": str(d), "op": "Cast"}, "host")
+    assert results["test_int4_good"]["outcome"] == "pass", results["test_int4_good"]
+    bad = results["test_int4_bad"]
+    assert bad["outcome"] == "fail" and bad["stage"] == "numerics", bad
+    assert bad["outputs"][0]["dtype"] == "int8"
+
+
 def test_pool_reports_timeouts_and_keeps_going(tmp_path):
     from edgecc.conformance.runner import run_cases
 

@@ -526,3 +526,278 @@ def test_loop_with_constant_trip_count_is_unrolled():
     model = _model([node], [_vi("x", T.FLOAT, [2]), _vi("acc0", T.FLOAT, [2])],
                    [_vi("acc", T.FLOAT, [2]), _vi("steps", T.FLOAT, [3, 2])], inits, opset=16)
     _check(model, {"x": _f32(2), "acc0": _f32(2)})
+
+
+# ------------------------------------------------------------------ sub-byte tensors (one element per byte)
+
+
+def _check_reference(model, feeds):
+    """Against onnx's reference evaluator (onnxruntime lacks int2/float4 casts); sub-byte values compared as
+    their byte containers (edgecc.frontend.subbyte), exactly."""
+    from onnx.reference import ReferenceEvaluator
+
+    from edgecc.frontend.subbyte import to_container
+
+    ref = ReferenceEvaluator(model).run(None, feeds)
+    got = _edgecc(model, {k: to_container(v) for k, v in feeds.items()})
+    for r, g in zip(ref, got):
+        r = to_container(np.asarray(r))
+        assert g.dtype == r.dtype and g.shape == r.shape, (g.dtype, r.dtype, g.shape, r.shape)
+        np.testing.assert_array_equal(g.view(np.uint8) if g.dtype == np.uint8 else g, r)
+
+
+_EDGES = np.array([-9, -8.5, -2.7, -2.5, -0.5, -0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 7, 100, 1e-7, -1e-7,
+                   np.nan, -np.nan, np.inf, -np.inf, 6.5], np.float32)
+
+
+@pytest.mark.parametrize("to", [T.INT4, T.UINT4, T.INT2, T.UINT2, T.FLOAT4E2M1])
+def test_cast_to_subbyte_and_back(to):
+    """float -> sub-byte (truncate+wrap for ints; round-to-even, saturating, signed zero, NaN for float4) -> float."""
+    x = np.concatenate([_EDGES, _f32(10) * 4]).reshape(4, 8)
+    nodes = [h.make_node("Cast", ["x"], ["q"], to=to), h.make_node("Cast", ["q"], ["y"], to=T.FLOAT)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [4, 8])], [_vi("q", to, [4, 8]), _vi("y", T.FLOAT, [4, 8])], opset=25)
+    if to != T.FLOAT4E2M1:
+        x = np.where(np.isfinite(x), x, 0).astype(np.float32)  # the reference's NaN/inf -> int is platform-defined
+    _check_reference(model, {"x": x})
+
+
+def test_subbyte_graph_inputs_and_int4_weights():
+    """An int4 graph input cast to float16, and DequantizeLinear of an int4 *initializer* (a 4-bit weight), per axis."""
+    import ml_dtypes
+
+    w = rng.integers(-8, 8, size=(3, 4)).astype(ml_dtypes.int4)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.5, 2.0, 0.25], np.float32), "s"),
+             numpy_helper.from_array(np.array([1, -2, 0]).astype(ml_dtypes.int4), "zp")]
+    nodes = [h.make_node("Cast", ["a"], ["a2"], to=T.FLOAT16),
+             h.make_node("DequantizeLinear", ["w", "s", "zp"], ["wf"], axis=0)]
+    model = _model(nodes, [_vi("a", T.INT4, [5])], [_vi("a2", T.FLOAT16, [5]), _vi("wf", T.FLOAT, [3, 4])], inits,
+                   opset=25)
+    _check_reference(model, {"a": np.array([-8, -1, 0, 5, 7]).astype(ml_dtypes.int4)})
+
+
+@pytest.mark.parametrize("to", [T.INT4, T.UINT2, T.FLOAT4E2M1])
+def test_quantize_linear_to_subbyte(to):
+    """QuantizeLinear saturates to the sub-byte range (unlike Cast, which wraps); per-axis scales."""
+    import ml_dtypes
+
+    name = {T.INT4: "int4", T.UINT2: "uint2", T.FLOAT4E2M1: "float4_e2m1fn"}[to]
+    zp = np.array([1, 0, 1] if to != T.FLOAT4E2M1 else [0, 0, 0]).astype(getattr(ml_dtypes, name))
+    inits = [numpy_helper.from_array(np.array([0.5, 2.0, 0.25], np.float32), "s"), numpy_helper.from_array(zp, "zp")]
+    node = h.make_node("QuantizeLinear", ["x", "s", "zp"], ["y"], axis=0)
+    model = _model([node], [_vi("x", T.FLOAT, [3, 6])], [_vi("y", to, [3, 6])], inits, opset=25)
+    _check_reference(model, {"x": _f32(3, 6) * 4})
+
+
+@pytest.mark.parametrize("mode", ["up", "down", "nearest"])
+def test_cast_to_float8_e8m0(mode):
+    x = np.concatenate([np.abs(_f32(12)) * 8, np.array([0.125, 0.124, 3.0, 1.5, 2.0**127 * 1.5, np.inf, np.nan, 0],
+                                                        np.float32)]).reshape(4, 5)
+    node = h.make_node("Cast", ["x"], ["y"], to=T.FLOAT8E8M0, round_mode=mode)
+    model = _model([node], [_vi("x", T.FLOAT, [4, 5])], [_vi("y", T.FLOAT8E8M0, [4, 5])], opset=24)
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = _edgecc(model, {"x": x})[0]
+    np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
+
+
+# ------------------------------------------------------------------ Resize, windows, IsInf, Mod, ReduceMax/Min
+
+
+@pytest.mark.parametrize("attrs,scales,sizes,axes", [
+    ({"mode": "cubic", "antialias": 1}, [1, 1, 0.6, 0.8], None, None),
+    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"}, [1, 1, 1.7, 0.6], None, None),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, [1, 1, 0.5, 0.6], None, None),
+    ({"mode": "nearest", "keep_aspect_ratio_policy": "not_larger"}, None, [7, 5], [2, 3]),
+    ({"mode": "cubic", "exclude_outside": 1, "cubic_coeff_a": -0.5}, None, [9, 3], [3, 2]),
+])
+def test_resize_modes(attrs, scales, sizes, axes):
+    x = _f32(1, 2, 6, 5)
+    if axes is not None:
+        attrs = dict(attrs, axes=axes)
+    inits = [numpy_helper.from_array(np.array(scales if scales else [], np.float32), "scales")]
+    if sizes is not None:
+        inits.append(numpy_helper.from_array(np.array(sizes, np.int64), "sizes"))
+    node = h.make_node("Resize", ["x", "", "scales"] + (["sizes"] if sizes else []), ["y"], **attrs)
+    if sizes is not None:
+        node.input[2] = ""
+    model = _model([node], [_vi("x", T.FLOAT, [1, 2, 6, 5])], [h.make_empty_tensor_value_info("y")], inits,
+                   opset=19)
+    _check(model, {"x": x})
+
+
+def test_resize_tf_crop_and_resize_extrapolates():
+    """ROI beyond the input on both axes: outside positions take extrapolation_value."""
+    inits = [numpy_helper.from_array(np.array([0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3], np.float32), "roi"),
+             numpy_helper.from_array(np.array([1, 1, 5, 4], np.int64), "sizes")]
+    node = h.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], mode="linear",
+                       coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=7.5)
+    model = _model([node], [_vi("x", T.FLOAT, [1, 1, 4, 4])], [h.make_empty_tensor_value_info("y")], inits, opset=19)
+    from onnx.reference import ReferenceEvaluator
+
+    x = _f32(1, 1, 4, 4)  # onnx's reference: onnxruntime 1.32 does not extrapolate past the right edge here
+    np.testing.assert_allclose(_edgecc(model, {"x": x})[0], ReferenceEvaluator(model).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["HannWindow", "HammingWindow", "BlackmanWindow"])
+@pytest.mark.parametrize("periodic", [0, 1])
+def test_window_functions(op, periodic):
+    """A window of a constant size is a constant; the graph has no input left (a parameterless `main`)."""
+    inits = [numpy_helper.from_array(np.array(10, np.int32), "n")]
+    node = h.make_node(op, ["n"], ["y"], periodic=periodic)
+    model = _model([node], [], [_vi("y", T.FLOAT, [10])], inits, opset=17)
+    _check(model, {})
+
+
+def test_isinf_detect_flags():
+    x = np.array([1.0, np.inf, -np.inf, np.nan, -0.0, 3.0], np.float32)
+    nodes = [h.make_node("IsInf", ["x"], ["pos"], detect_negative=0),
+             h.make_node("IsInf", ["x"], ["neg"], detect_positive=0)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [6])], [_vi("pos", T.BOOL, [6]), _vi("neg", T.BOOL, [6])], opset=13)
+    _check(model, {"x": x})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_float_mod_takes_the_divisor_sign(dtype):
+    """Mod fmod=0 on floats is numpy's `mod` (onnxruntime runs it only from opset 28): inf, NaN, signed zeros."""
+    x = np.array([0, -0.0, -3, 3, -1, 1, np.inf, 1, np.nan, 5.5, -5.5, 4], dtype)
+    y = np.array([-2, 2, np.inf, np.inf, -np.inf, -np.inf, 2, 0, 2, -2, 2, 2], dtype)
+    tt = T.FLOAT16 if dtype == np.float16 else T.FLOAT
+    model = _model([h.make_node("Mod", ["x", "y"], ["m"], fmod=0)], [_vi("x", tt, [12]), _vi("y", tt, [12])],
+                   [_vi("m", tt, [12])], opset=13)
+    got = _edgecc(model, {"x": x, "y": y})[0]
+    with np.errstate(all="ignore"):
+        want = np.mod(x, y)
+    np.testing.assert_array_equal(got, want)
+    assert np.array_equal(np.signbit(got[:2]), np.signbit(want[:2]))
+
+
+def test_reduce_max_min_of_all_infinite_rows():
+    """A row of only -inf (a fully masked attention row) reduces to -inf, not the lowest finite float."""
+    x = _f32(3, 4)
+    x[1] = -np.inf
+    x[2] = np.inf
+    nodes = [h.make_node("ReduceMax", ["x"], ["mx"], axes=[1], keepdims=0),
+             h.make_node("ReduceMin", ["x"], ["mn"], axes=[1], keepdims=1)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [3, 4])], [_vi("mx", T.FLOAT, [3]), _vi("mn", T.FLOAT, [3, 1])],
+                   opset=13)
+    _check(model, {"x": x})
+
+
+def test_graph_output_that_is_an_initializer():
+    """A weight returned as is (what normalize makes of ConstantOfShape(initializer)) is kept as a constant:
+    as a lifted parameter it lost its binding ("Var gv is not defined" in VM codegen)."""
+    inits = [numpy_helper.from_array(_f32(2, 3), "w")]
+    model = _model([], [], [_vi("w", T.FLOAT, [2, 3])], inits, opset=17)
+    _check(model, {})
+
+
+# ------------------------------------------------------------------ BitShift, SpaceToDepth CRD, Split, signal ops
+
+
+def _check_against_reference(model, feeds, exact=False):
+    """onnx's reference evaluator, for opset-28 semantics onnxruntime does not run yet."""
+    from onnx.reference import ReferenceEvaluator
+
+    want = ReferenceEvaluator(model).run(None, feeds)
+    got = _edgecc(model, feeds)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        if exact:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["LEFT", "RIGHT"])
+def test_bit_shift_out_of_range_amounts(direction):
+    x = np.array([-8, 4, -1, 7, -128, 100], np.int32)
+    s = np.array([-1, 32, 100, 3, 31, 0], np.int32)
+    model = _model([h.make_node("BitShift", ["x", "s"], ["y"], direction=direction)],
+                   [_vi("x", T.INT32, [6]), _vi("s", T.INT32, [6])], [_vi("y", T.INT32, [6])], opset=28)
+    _check_against_reference(model, {"x": x, "s": s}, exact=True)
+
+
+def test_space_to_depth_crd():
+    model = _model([h.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode="CRD")],
+                   [_vi("x", T.FLOAT, [1, 3, 4, 6])], [_vi("y", T.FLOAT, [1, 12, 2, 3])], opset=28)
+    _check_against_reference(model, {"x": _f32(1, 3, 4, 6)}, exact=True)
+
+
+def test_split_with_zero_sizes():
+    inits = [numpy_helper.from_array(np.array([2, 0, 3], np.int64), "split")]
+    model = _model([h.make_node("Split", ["x", "split"], ["a", "b", "c"], axis=1)], [_vi("x", T.FLOAT, [2, 5])],
+                   [_vi("a", T.FLOAT, [2, 2]), _vi("b", T.FLOAT, [2, 0]), _vi("c", T.FLOAT, [2, 3])], inits, opset=18)
+    _check(model, {"x": _f32(2, 5)})
+
+
+def test_conv_transpose_output_shape():
+    """output_shape larger than the natural size: the extra row/column is an end pad turned output_padding."""
+    node = h.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[3, 2], output_shape=[10, 8])
+    inits = [numpy_helper.from_array(_f32(1, 2, 3, 3), "w")]
+    model = _model([node], [_vi("x", T.FLOAT, [1, 1, 3, 3])], [h.make_empty_tensor_value_info("y")], inits, opset=17)
+    _check(model, {"x": _f32(1, 1, 3, 3)})
+
+
+def test_col2im_with_pads_strides_dilations():
+    node = h.make_node("Col2Im", ["x", "image", "block"], ["y"], pads=[1, 0, 1, 2], strides=[2, 1], dilations=[1, 2])
+    inits = [numpy_helper.from_array(np.array([6, 5], np.int64), "image"),
+             numpy_helper.from_array(np.array([2, 2], np.int64), "block")]
+    # padded 8 x 7; blocks: ((8-2)//2+1) * ((7-3)//1+1) = 4 * 5
+    model = _model([node], [_vi("x", T.FLOAT, [2, 12, 20])], [h.make_empty_tensor_value_info("y")], inits, opset=18)
+    _check(model, {"x": _f32(2, 12, 20)})
+
+
+@pytest.mark.parametrize("onesided,complex_in", [(1, False), (0, True)])
+def test_stft_windowed(onesided, complex_in):
+    comp = 2 if complex_in else 1
+    inits = [numpy_helper.from_array(np.array(4, np.int64), "step"),
+             numpy_helper.from_array(np.array(8, np.int64), "length")]
+    node = h.make_node("STFT", ["sig", "step", "win", "length"], ["y"], onesided=onesided)
+    model = _model([node], [_vi("sig", T.FLOAT, [2, 30, comp]), _vi("win", T.FLOAT, [8])],
+                   [h.make_empty_tensor_value_info("y")], inits, opset=17)
+    _check(model, {"sig": _f32(2, 30, comp), "win": np.hanning(8).astype(np.float32)})
+
+
+def test_mel_weight_matrix():
+    vals = [("bins", np.array(6, np.int64)), ("dft", np.array(32, np.int64)), ("rate", np.array(8000, np.int64)),
+            ("lo", np.array(100.0, np.float32)), ("hi", np.array(3000.0, np.float32))]
+    inits = [numpy_helper.from_array(v, n) for n, v in vals]
+    node = h.make_node("MelWeightMatrix", [n for n, _ in vals], ["w"])
+    model = _model([node], [], [h.make_empty_tensor_value_info("w")], inits, opset=17)
+    _check(model, {})
+
+
+@pytest.mark.parametrize("attrs", [{"kernel_shape": [3, 3], "pads": [1, 0, 1, 2], "strides": [2, 1]},
+                                   {"kernel_shape": [2, 2], "strides": [2, 2], "storage_order": 1, "ceil_mode": 1},
+                                   {"kernel_shape": [2, 3], "dilations": [2, 1]}])
+def test_max_pool_indices(attrs):
+    node = h.make_node("MaxPool", ["x"], ["y", "i"], **attrs)
+    model = _model([node], [_vi("x", T.FLOAT, [2, 3, 7, 6])],
+                   [h.make_empty_tensor_value_info("y"), h.make_empty_tensor_value_info("i")], opset=12)
+    _check(model, {"x": _f32(2, 3, 7, 6)})
+
+
+def test_batch_norm_training_mode():
+    inits = [numpy_helper.from_array(v, n) for n, v in (("s", _f32(3)), ("b", _f32(3)), ("m", _f32(3)),
+                                                          ("v", np.abs(_f32(3)) + 0.5))]
+    node = h.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv"], training_mode=1,
+                       momentum=0.8, epsilon=1e-3)
+    model = _model([node], [_vi("x", T.FLOAT, [4, 3, 5])],
+                   [_vi("y", T.FLOAT, [4, 3, 5]), _vi("rm", T.FLOAT, [3]), _vi("rv", T.FLOAT, [3])], inits, opset=15)
+    _check_against_reference(model, {"x": _f32(4, 3, 5)})
+
+
+def test_matmul_with_int4_qdq_weight():
+    """The usual 4-bit QDQ pattern: DequantizeLinear(int4 weight, per-column scales) -> MatMul."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    w = rng.integers(-8, 8, size=(16, 8)).astype(ml_dtypes.int4)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.abs(_f32(8)) / 8 + 0.01, "s")]
+    nodes = [h.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=1), h.make_node("MatMul", ["x", "wf"], ["y"])]
+    model = _model(nodes, [_vi("x", T.FLOAT, [4, 16])], [_vi("y", T.FLOAT, [4, 8])], inits, opset=21)
+    x = _f32(4, 16)
+    np.testing.assert_allclose(_edgecc(model, {"x": x})[0], ReferenceEvaluator(model).run(None, {"x": x})[0],
+                               rtol=1e-4, atol=1e-4)

@@ -57,3 +57,29 @@ def test_normalize_leaves_clean_models_alone():
     clean = normalize(onnx.ModelProto.FromString(before.SerializeToString()))
     again = normalize(onnx.ModelProto.FromString(clean.SerializeToString()))
     assert again.SerializeToString() == clean.SerializeToString()
+
+
+def test_subbyte_signature_and_containers():
+    """int4/float4 graph I/O crosses the boundary one element per byte; the manifest names the ONNX type."""
+    import ml_dtypes
+
+    from edgecc.frontend.signature import Signature, read_signature
+    from edgecc.frontend.subbyte import from_container, to_container
+
+    graph = helper.make_graph([helper.make_node("Cast", ["q"], ["f"], to=TensorProto.FLOAT4E2M1)], "g",
+                              [helper.make_tensor_value_info("q", TensorProto.INT4, ["n"])],
+                              [helper.make_tensor_value_info("f", TensorProto.FLOAT4E2M1, ["n"])])
+    sig = read_signature(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    (q,), (f,) = sig.inputs, sig.outputs
+    assert (q.dtype, q.element, f.dtype, f.element) == ("int8", "int4", "uint8", "float4_e2m1fn")
+    assert sig.to_json()["inputs"][0] == {"name": "q", "dtype": "int8", "shape": ["n"], "element": "int4"}
+    assert Signature.from_json(sig.to_json()) == sig
+    assert q.concrete({"n": 3}).element == "int4"
+
+    ints = np.array([-8, -1, 0, 7]).astype(ml_dtypes.int4)
+    np.testing.assert_array_equal(to_container(ints), np.array([-8, -1, 0, 7], np.int8))
+    f4 = np.array([0.5, -0.0, 6, -6], np.float32).astype(ml_dtypes.float4_e2m1fn)
+    codes = to_container(f4)
+    np.testing.assert_array_equal(codes, np.array([1, 8, 7, 15], np.uint8))
+    np.testing.assert_array_equal(from_container(codes, "float4_e2m1fn").astype(np.float32), [0.5, -0.0, 6, -6])
+    assert to_container(np.ones(2, np.float32)).dtype == np.float32  # other arrays pass through

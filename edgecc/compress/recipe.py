@@ -5,12 +5,16 @@
     {
       "default": "w4g32",            # scheme for layers no rule names ("none": keep float)
       "min_params": 4096,            # layers with fewer weights stay float (default 4096)
-      "layers": {                    # first matching glob wins (fnmatch on the source weight name)
+      "layers": {                    # first matching glob wins (fnmatch on the weight's initializer name
+                                     # or on its node's name, e.g. "/layers.0/attn/q_proj/MatMul")
         "*lm_head*": "w8",
         "*.self_attn.*": "w4g128-asym",
         "*embed*": "none"
       }
     }
+
+Embedding tables (Gather with a constant table, axis 0) are layers too: `*embed*` / `*wte*` globs select
+them (the scheme's a8 part does not apply to a lookup).
 
 A layer whose shape does not fit its scheme (input features not a multiple of the group) falls back to the
 `fallback` scheme when one is given (default: w8, which fits every shape) and is reported.
@@ -48,12 +52,14 @@ class Recipe:
     def name(self) -> str:
         return self.source or (self.default.name if self.default else "none")
 
-    def choose(self, name: str, shape: tuple[int, int]) -> tuple[QuantScheme | None, str]:
-        """(scheme or None, why) for weight `name` of shape [in_features, out_features]."""
+    def choose(self, name: str, shape: tuple[int, int],
+               aliases: tuple[str, ...] = ()) -> tuple[QuantScheme | None, str]:
+        """(scheme or None, why) for weight `name` of shape [in_features, out_features]; a glob may match
+        `name` or one of its `aliases` (the ONNX initializer name when `name` is its node's name)."""
         k, n = shape
         scheme, why = self.default, "default"
         for pattern, sch in self.layers:
-            if fnmatch.fnmatchcase(name, pattern):
+            if any(fnmatch.fnmatchcase(alias, pattern) for alias in (name, *aliases)):
                 scheme, why = sch, f"rule {pattern}"
                 break
         if scheme is None:

@@ -99,7 +99,13 @@ class QuantizedTensor:
         from edgecc.compress.schemes import column_tile, tile_columns
 
         t = column_tile(self.shape[1])
-        out = {"weight": tile_columns(self.weight, t), "scales": tile_columns(self.scales, t)}
+        if self.scheme.act_bits:  # w8a8: the int8 dot-product layout
+            from edgecc.schedules.int8_dot import pack_k4
+
+            weight = pack_k4(self.weight, t)
+        else:
+            weight = tile_columns(self.weight, t)
+        out = {"weight": weight, "scales": tile_columns(self.scales, t)}
         if self.zeros is not None:
             out["zeros"] = tile_columns(self.zeros, t)
         return out

@@ -124,8 +124,11 @@ class QuantScheme:
         are one contiguous block.
         """
         t = column_tile(out_features)
-        return {name: ((shape[1] // t, shape[0], t), dt)
-                for name, (shape, dt) in self.storage_shapes(in_features, out_features).items()}
+        out = {name: ((shape[1] // t, shape[0], t), dt)
+               for name, (shape, dt) in self.storage_shapes(in_features, out_features).items()}
+        if self.act_bits:  # w8a8: 4 consecutive k of a column side by side (edgecc.schedules.int8_dot.pack_k4)
+            out["weight"] = ((out_features // t, -(-in_features // 4), t * 4), "int8")
+        return out
 
     def packed_nbytes(self, in_features: int, out_features: int) -> int:
         import numpy as np

@@ -155,6 +155,7 @@ class _ArtifactModule:
 
 def _compare_outputs(names: list[str], got: list[np.ndarray], expected: dict[str, np.ndarray],
                      data_set: str) -> list[dict]:
+    from edgecc.frontend.subbyte import to_container
     from edgecc.runtime_bridge.verify import compare
 
     figures = []
@@ -163,7 +164,7 @@ def _compare_outputs(names: list[str], got: list[np.ndarray], expected: dict[str
     for name, value in zip(names, got):
         if name not in expected:
             continue
-        ref = np.asarray(expected[name])
+        ref = to_container(np.asarray(expected[name]))  # sub-byte outputs come back in byte containers
         entry = {"data_set": data_set, "output": name, "dtype": str(ref.dtype), "shape": list(ref.shape)}
         if value.dtype != ref.dtype:
             entry.update(passed=False, problem=f"dtype {value.dtype}, expected {ref.dtype}")
@@ -197,6 +198,7 @@ def run_case(case: dict, target: str, strict: bool = False,
              report_stage: Callable[[str], None] = lambda _s: None) -> dict:
     """Run one case ({"name", "dir", "op"}) for `target`; returns the result record (see report.py)."""
     from edgecc.conformance.cases import base_frozen_names, read_data_set, static_model
+    from edgecc.frontend.subbyte import to_container
     from edgecc.targets.registry import get_target
 
     t0 = time.perf_counter()
@@ -245,7 +247,7 @@ def run_case(case: dict, target: str, strict: bool = False,
                         built[key] = _HostModule(path, spec, stage)
                 module = built[key]
                 _record_offload(result, module)
-                feeds = {k: v for k, v in data.inputs.items() if k not in data.frozen}
+                feeds = {k: to_container(v) for k, v in data.inputs.items() if k not in data.frozen}
                 stage("run")
                 try:
                     got = module.run(feeds)

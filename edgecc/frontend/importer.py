@@ -70,6 +70,8 @@ def _importer_class():
         current_node: tuple[str, str] | None = None
         opset_imports: list = []
         graph_outputs: set = set()
+        subbyte_types: dict = {}  # value name -> SubByte (edgecc.frontend.subbyte), for containers
+        onnx_node = None  # the node being converted (for the sub-byte types of its inputs and outputs)
 
         def _known(self, expr):
             """The value of an input that is a (small) constant, else None."""
@@ -204,6 +206,8 @@ def _importer_class():
             if node.op_type == "Loop" and node.domain in ("", "ai.onnx"):
                 return self._unroll_loop(node)
             subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+            if any(n in self.subbyte_types for n in list(node.input) + list(node.output)):
+                return False  # the evaluator would read a container as its own dtype
             if (node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD or node.op_type.startswith("Sequence")
                     or not node.input or subgraphs or any(o in self.graph_outputs for o in node.output)):
                 return False
@@ -238,30 +242,57 @@ def _importer_class():
             return True
 
         def _parse_graph_initializers(self, graph):
-            """Small int64 initializers (shapes, axes, pads, indices) are constants, not weights."""
+            """Small int64 initializers (shapes, axes, pads, indices) are constants, not weights; so is an
+            initializer that is itself a graph output (a weight `main` returned as is would lose its
+            binding in LiftTransformParams: "Var gv is not defined" at VM codegen)."""
             super()._parse_graph_initializers(graph)
             for init in graph.initializer:
                 name = init.name.removeprefix("onnx::")
                 entry = self._params.get(name)
-                if (entry is not None and init.data_type == onnx.TensorProto.INT64
-                        and int(np.prod(init.dims)) <= SHAPE_CONST_MAX_ELEMENTS):
+                if entry is None:
+                    continue
+                if init.name in self.graph_outputs:
+                    del self._params[name]
+                    value = entry[1].numpy()
+                    self._nodes[init.name] = relax.const(value, str(value.dtype))
+                elif init.data_type == onnx.TensorProto.INT64 and int(np.prod(init.dims)) <= SHAPE_CONST_MAX_ELEMENTS:
                     del self._params[name]
                     self._nodes[init.name] = relax.const(entry[1].numpy(), "int64")
 
         def _construct_nodes(self, graph):
             for node in graph.node:
                 if not self._try_fold(node):
+                    self.onnx_node = node
                     super()._construct_nodes(_OneNode(node))
 
         def _convert_operator(self, op_name, inputs, attrs, opset):  # noqa: D401 - TVM override
             self.current_node = (op_name, attrs.get("tvm_custom", {}).get("name", "?"))
             domain = attrs.pop(converters.DOMAIN_ATTR, b"")
+            sym = self._convert_subbyte(op_name, inputs, attrs)
+            if sym is not NotImplemented:
+                return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
             convert = converters.lookup(op_name, domain.decode() if isinstance(domain, bytes) else domain)
             if convert is not None:  # edgecc's own converter (edgecc/frontend/converters) first
                 sym = convert(self.bb, inputs, attrs, [self._nodes, self._params], opset)
                 if sym is not NotImplemented:
                     return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
             return super()._convert_operator(op_name, inputs, attrs, opset)
+
+        def _convert_subbyte(self, op_name, inputs, attrs):
+            """A node reading or writing a sub-byte value (int4 etc. held in a byte container)."""
+            from edgecc.frontend.converters import subbyte
+            from edgecc.frontend.subbyte import SUBBYTE
+
+            node = self.onnx_node
+            if node is None or node.op_type != op_name or not converters.enabled():
+                return NotImplemented
+            in_types = [self.subbyte_types.get(n) if n else None for n in node.input]
+            out_types = [self.subbyte_types.get(n) if n else None for n in node.output]
+            to = attrs.get("to")
+            if not (any(in_types) or any(out_types) or (op_name == "Cast" and to is not None and int(to) in SUBBYTE)):
+                return NotImplemented
+            return subbyte.convert(self.bb, op_name, inputs, attrs, [self._nodes, self._params], self.opset,
+                                   in_types, out_types)
 
         def _check_for_unsupported_ops(self, graph):
             pass  # done before import, with edgecc's converters counted (op_support.find_unsupported)
@@ -293,6 +324,8 @@ def import_model(model: onnx.ModelProto, signature: Signature) -> ImportedModel:
     """Import with the given input signature (symbolic dims, named by strings, become shared tirx Vars)."""
     from tvm.relax.frontend import detach_params
 
+    from edgecc.frontend.subbyte import lower_model
+
     opset = default_opset(model)
     unsupported = find_unsupported(model, opset)
     if unsupported:
@@ -316,6 +349,7 @@ def import_model(model: onnx.ModelProto, signature: Signature) -> ImportedModel:
     importer = _importer_class()(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=True)
     importer.opset_imports = list(model.opset_import)
     importer.graph_outputs = {o.name for o in model.graph.output}  # a graph output stays a computed value
+    model, importer.subbyte_types = lower_model(model)  # int4/float4/...: one element per byte
     marked = _mark_domains(model.graph)
     try:
         with warnings.catch_warnings():

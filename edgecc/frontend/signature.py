@@ -7,7 +7,7 @@ artifact was built for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -19,24 +19,31 @@ Dim = int | str  # a fixed size, or the name of a symbolic dim
 
 @dataclass(frozen=True)
 class TensorSig:
+    """One graph input or output. `dtype` is what crosses the boundary (numpy name: "float32", "int64", ...);
+    `element` is the ONNX element type when it differs: a sub-byte tensor (int4, uint4, int2, uint2,
+    float4_e2m1fn) crosses as one value per byte in `dtype` (see `edgecc.frontend.subbyte`)."""
+
     name: str
-    dtype: str  # numpy name: "float32", "int64", ...
+    dtype: str
     shape: tuple[Dim, ...]
+    element: str | None = None
 
     @property
     def is_static(self) -> bool:
         return all(isinstance(d, int) for d in self.shape)
 
     def concrete(self, dims: dict[str, int]) -> "TensorSig":
-        return TensorSig(self.name, self.dtype, tuple(dims.get(d, d) if isinstance(d, str) else d
-                                                      for d in self.shape))
+        return replace(self, shape=tuple(dims.get(d, d) if isinstance(d, str) else d for d in self.shape))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.element is not None:
+            out["element"] = self.element
+        return out
 
     @staticmethod
     def from_json(data: dict) -> "TensorSig":
-        return TensorSig(data["name"], data["dtype"], tuple(data["shape"]))
+        return TensorSig(data["name"], data["dtype"], tuple(data["shape"]), data.get("element"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ def _elem_dtype(elem_type: int) -> str:
 
 
 def _value_sig(value: onnx.ValueInfoProto, index: int) -> TensorSig:
+    from edgecc.frontend.subbyte import SUBBYTE
+
     ttype = value.type.tensor_type
     dims: list[Dim] = []
     for i, dim in enumerate(ttype.shape.dim):
@@ -80,6 +89,9 @@ def _value_sig(value: onnx.ValueInfoProto, index: int) -> TensorSig:
             dims.append(dim.dim_param)
         else:
             dims.append(f"{value.name or f'arg{index}'}_dim{i}")
+    sub = SUBBYTE.get(ttype.elem_type)
+    if sub is not None:
+        return TensorSig(value.name, sub.container, tuple(dims), sub.name)
     return TensorSig(value.name, _elem_dtype(ttype.elem_type), tuple(dims))
 
 

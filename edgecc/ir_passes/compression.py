@@ -15,6 +15,14 @@ Carrier (see docs/compression.md for the full design):
   per-layer fields, so layers of one shape and scheme share a kernel), plus `op_pattern` = opaque (FuseOps
   leaves it alone, FuseTIR never rewrites it, so the attribute reaches code generation) and
   `tirx.is_scheduled` (the default fp32 rules skip it).
+* `edgecc.quantized_gather(indices, qweight, scales[, zeros])` is the embedding lookup `table[indices]` of a
+  quantized [V, D] table, stored exactly like the right operand of `x @ table^T` (in_features = D, the axis
+  groups run along; out_features = V), so a tied lm_head can use the same packed tensors. Its kernel
+  dequantizes only the gathered rows.
+* `edgecc.quantized_conv2d(x, qweight, scales[, zeros])` is an NCHW, groups-1 conv2d whose [O, C, kh, kw]
+  weight is stored as the [K = C*kh*kw, N = O] right operand of its im2col matmul; the call's attrs add the
+  geometry (`strides`, `padding`, `dilation`, `kernel`). Legalized to an im2col kernel + the quantized
+  matmul kernel, so convolutions get every scheme and kernel the matmuls have.
 * Other kinds (sparse, low rank) are further ops of the same family with the same attribute convention:
   a `kind` key, the kind's parameters, `in_features`/`out_features`/`name`/`orig_bytes`/`packed_bytes`.
   `annotated_ops` and `annotated_kernels` list any op in `COMPRESSED_OPS` / any PrimFunc with the attr.
@@ -30,12 +38,14 @@ from tvm import relax, tirx
 from edgecc.compress.schemes import QuantScheme
 
 QUANT_MATMUL = "edgecc.quantized_matmul"
+QUANT_GATHER = "edgecc.quantized_gather"
+QUANT_CONV2D = "edgecc.quantized_conv2d"
 #: every Relax op that carries a compression annotation (sparse / low-rank ops join this list)
-COMPRESSED_OPS = (QUANT_MATMUL,)
+COMPRESSED_OPS = (QUANT_MATMUL, QUANT_GATHER, QUANT_CONV2D)
 #: PrimFunc attribute holding the scheme dict of a compressed kernel
 KERNEL_ATTR = "edgecc.compression"
 #: keys that describe one layer rather than the scheme (not copied onto the shared kernel)
-LAYER_KEYS = ("name", "orig_bytes", "packed_bytes", "orig_dtype")
+LAYER_KEYS = ("name", "orig_bytes", "packed_bytes", "orig_dtype", "source")
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -111,22 +121,126 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return relax.op.reshape(bb.normalize(out), [*lead, n])
 
 
-def register_ops() -> None:
-    """Register the compressed ops once per process (importing this module does it)."""
-    names = set(tvm.ir.Op.list_op_names())
-    if QUANT_MATMUL in names and tvm.ir.Op.get(QUANT_MATMUL).has_attr("FLegalize"):
+def _infer_gather_type(call: relax.Call, _ctx=None):
+    idx = call.args[0].ty
+    d = int(call.attrs["in_features"])
+    dtype = str(call.attrs["orig_dtype"]) if "orig_dtype" in call.attrs else "float32"
+    if not isinstance(idx, relax.TensorType) or idx.shape is None:
+        return relax.TensorType(ndim=-1, dtype=dtype)
+    return relax.TensorType(list(idx.shape.values) + [d], dtype)
+
+
+def _legalize_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    from edgecc.schedules.quantized import quantized_gather_primfunc
+
+    attrs = attrs_dict(call.attrs)
+    scheme = QuantScheme.from_attrs(attrs)
+    idx = call.args[0]
+    d, v = int(attrs["in_features"]), int(attrs["out_features"])
+    dims = _static_dims(idx.ty.shape.values)
+    m = 1
+    for dim in dims:
+        m = m * dim
+    flat = bb.normalize(relax.op.reshape(idx, [m]))
+    dtype = str(attrs.get("orig_dtype", "float32"))
+    func, scheduled = quantized_gather_primfunc(m, d, v, scheme, str(idx.ty.dtype), dtype)
+    kernel_attrs = {key: val for key, val in attrs.items() if key not in LAYER_KEYS}
+    func = func.with_attr(KERNEL_ATTR, kernel_attrs).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    if scheduled:
+        func = func.with_attr("tirx.is_scheduled", True).with_attr("edgecc.schedule", "quantized_gather")
+    mdesc = m if isinstance(m, int) else "m"
+    gv = bb.add_func(func, f"qgather_{scheme.name.replace('-', '_')}_{mdesc}x{v}x{d}")
+    out = bb.normalize(relax.call_tir(gv, [flat, *call.args[1:]], relax.TensorType([m, d], dtype)))
+    return relax.op.reshape(out, [*dims, d])
+
+
+# conv2d (NCHW / OIHW, groups 1): the [O, C, kh, kw] weight is quantized as the [K = C*kh*kw, N = O] weight
+# of an im2col matmul (k = c*kh*kw + i*kw + j); the call carries the conv geometry next to the annotation:
+# `strides` [2], `padding` [top, left, bottom, right], `dilation` [2], `kernel` [kh, kw].
+
+
+def _conv_out_hw(h, w, attrs: dict):
+    (sh, sw), (dh, dw), (kh, kw) = attrs["strides"], attrs["dilation"], attrs["kernel"]
+    pt, pl, pb, pr = attrs["padding"]
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def _infer_conv_type(call: relax.Call, _ctx=None):
+    x = call.args[0].ty
+    if not isinstance(x, relax.TensorType) or x.shape is None:
+        return relax.TensorType(ndim=4, dtype=x.dtype if isinstance(x, relax.TensorType) else "float32")
+    n, _, h, w = list(x.shape.values)
+    oh, ow = _conv_out_hw(h, w, attrs_dict(call.attrs))
+    return relax.TensorType([n, int(call.attrs["out_features"]), oh, ow], x.dtype)
+
+
+def im2col_primfunc(n: int, c: int, h: int, w: int, attrs: dict, dtype: str = "float32") -> tirx.PrimFunc:
+    """x [N, C, H, W] -> cols [N*OH*OW, C*kh*kw] (zero padding), the rows the quantized matmul multiplies."""
+    from tvm import te
+
+    (sh, sw), (dh, dw), (kh, kw) = attrs["strides"], attrs["dilation"], attrs["kernel"]
+    pt, pl, _, _ = attrs["padding"]
+    oh, ow = _conv_out_hw(h, w, attrs)
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - Relax's TIR shapes are int64 (FuseTIR compares them)
+    x = te.placeholder((i64(n), i64(c), i64(h), i64(w)), dtype, name="x")
+
+    def col(r, k):
+        b, pix = r // (oh * ow), r % (oh * ow)
+        ci, rest = k // (kh * kw), k % (kh * kw)
+        y = pix // ow * sh + rest // kw * dh - pt
+        xx = pix % ow * sw + rest % kw * dw - pl
+        inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
+        return tirx.if_then_else(inside, x[b, ci, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)],
+                                 tirx.const(0, dtype))
+
+    cols = te.compute((i64(n * oh * ow), i64(c * kh * kw)), col, name="im2col")
+    return te.create_prim_func([x, cols]).without_attr("global_symbol")
+
+
+def _legalize_conv(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    attrs = attrs_dict(call.attrs)
+    x = call.args[0]
+    n, c, h, w = (int(d) for d in x.ty.shape.values)
+    oh, ow = _conv_out_hw(h, w, attrs)
+    o, k = int(attrs["out_features"]), int(attrs["in_features"])
+    dtype = str(x.ty.dtype)
+    gv = bb.add_func(im2col_primfunc(n, c, h, w, attrs, dtype), f"im2col_{c}x{h}x{w}_k{k}")
+    cols = bb.normalize(relax.call_tir(gv, [x], relax.TensorType([n * oh * ow, k], dtype)))
+    mm_attrs = {key: val for key, val in attrs.items() if key not in CONV_KEYS}
+    y = bb.normalize(_legalize(bb, quantized_matmul(cols, *call.args[1:3], call.args[3] if len(call.args) > 3
+                                                     else None, mm_attrs)))
+    y = bb.normalize(relax.op.reshape(y, [n, oh, ow, o]))
+    return relax.op.permute_dims(y, [0, 3, 1, 2])
+
+
+#: call attrs of a quantized conv that describe the convolution (not the matmul it becomes)
+CONV_KEYS = ("strides", "padding", "dilation", "kernel")
+
+
+def _register(name: str, doc: str, first: tuple[str, str], infer, legalize) -> None:
+    if name not in set(tvm.ir.Op.list_op_names()):
+        tvm.ir._ffi_api.RegisterOp(name, doc)
+    op = tvm.ir.Op.get(name)
+    if op.get_attr("FLegalize") is not None:  # (has_attr says whether *any* op has the attribute)
         return
-    if QUANT_MATMUL not in names:
-        tvm.ir._ffi_api.RegisterOp(QUANT_MATMUL, "matmul with a quantized, packed right operand")
-    op = tvm.ir.Op.get(QUANT_MATMUL)
     op.set_num_inputs(4)
-    op.add_argument("x", "Tensor", "activations [..., in_features]")
+    op.add_argument(first[0], "Tensor", first[1])
     op.add_argument("qweight", "Tensor", "packed codes")
     op.add_argument("scales", "Tensor", "per-group scales [groups, out_features]")
     op.add_argument("zeros", "Tensor", "per-group zero points (asymmetric schemes only)")
     op.set_attr("FPurity", True)
-    op.set_attr("FInferType", _infer_type)
-    op.set_attr("FLegalize", _legalize)
+    op.set_attr("FInferType", infer)
+    op.set_attr("FLegalize", legalize)
+
+
+def register_ops() -> None:
+    """Register the compressed ops once per process (importing this module does it)."""
+    _register(QUANT_MATMUL, "matmul with a quantized, packed right operand",
+              ("x", "activations [..., in_features]"), _infer_type, _legalize)
+    _register(QUANT_GATHER, "rows of a quantized, packed embedding table",
+              ("indices", "row indices, any shape"), _infer_gather_type, _legalize_gather)
+    _register(QUANT_CONV2D, "NCHW conv2d with a quantized, packed [C*kh*kw, O] weight (im2col + quantized matmul)",
+              ("x", "activations [N, C, H, W]"), _infer_conv_type, _legalize_conv)
 
 
 register_ops()
@@ -138,6 +252,22 @@ def quantized_matmul(x: relax.Expr, qweight: relax.Expr, scales: relax.Expr, zer
     args = [x, qweight, scales] + ([zeros] if zeros is not None else [])
     attrs = tvm.ir.make_node("ir.DictAttrs", **annotation)
     return relax.Call(tvm.ir.Op.get(QUANT_MATMUL), args, attrs)
+
+
+def quantized_gather(indices: relax.Expr, qweight: relax.Expr, scales: relax.Expr, zeros: relax.Expr | None,
+                     annotation: dict) -> relax.Call:
+    """Build one `edgecc.quantized_gather` call (rows `indices` of the table; see module docstring)."""
+    args = [indices, qweight, scales] + ([zeros] if zeros is not None else [])
+    attrs = tvm.ir.make_node("ir.DictAttrs", **annotation)
+    return relax.Call(tvm.ir.Op.get(QUANT_GATHER), args, attrs)
+
+
+def quantized_conv2d(x: relax.Expr, qweight: relax.Expr, scales: relax.Expr, zeros: relax.Expr | None,
+                     annotation: dict) -> relax.Call:
+    """Build one `edgecc.quantized_conv2d` call; `annotation` also holds the CONV_KEYS geometry."""
+    args = [x, qweight, scales] + ([zeros] if zeros is not None else [])
+    attrs = tvm.ir.make_node("ir.DictAttrs", **annotation)
+    return relax.Call(tvm.ir.Op.get(QUANT_CONV2D), args, attrs)
 
 
 # ------------------------------------------------------------------------------------------ listing

@@ -16,7 +16,8 @@ recognise keep the views and run unchanged.
 
 The function returns its other outputs followed by the updated caches (returning them keeps the in-place
 calls alive through dead-code elimination; they alias the caller's buffers). A prefill graph, whose presents
-are the new keys/values themselves, gets ``kv_write`` calls that store them at rows ``start..``.
+are the new keys/values themselves, gets ``kv_write`` calls that store them at rows ``start..``; its attention
+becomes the fused prefill kernel in the build pipeline (`edgecc.ir_passes.fuse_attention`).
 
 Which inputs are caches is found by pattern, not by name: a 4-D non-weight input whose only use is the first
 operand of a ``concat`` along a symbolic axis, whose result is one of the function's outputs. ``--kv-cache``
@@ -509,7 +510,12 @@ def rewrite_decode(mod: tvm.IRModule, func_name: str, pairs: list[KVPair], layou
 
 def rewrite_prefill(mod: tvm.IRModule, func_name: str, present_outputs: list[int], layout: CacheLayout,
                     seq: int) -> tuple[tvm.IRModule, list[int]]:
-    """Presents (the new keys/values) -> written into the caches at rows start..start+seq-1."""
+    """Presents (the new keys/values) -> written into the caches at rows start..start+seq-1.
+
+    The prefill attention itself reads the new keys/values, not the cache: `edgecc.ir_passes.fuse_attention`
+    (in the build pipeline, with the target's vector width) turns it into one causal, grouped-query
+    `prefill_attention` kernel per layer; `tests/test_attention.py` checks it matches after this rewrite.
+    """
     func = mod[func_name]
     start = tirx.Var("kv_start", "int64")
     write = {j: k for k, j in enumerate(present_outputs)}

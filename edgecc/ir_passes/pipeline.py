@@ -92,13 +92,17 @@ def tuning_passes(spec: TargetSpec, tuning_db=None) -> list[tvm.transform.Pass]:
 def relax_pipeline(spec: TargetSpec, with_schedules: bool = True, tuning_db=None) -> tvm.transform.Pass:
     """The whole pipeline as one pass, for `tvm.compile(..., relax_pipeline=...)`.
 
-    With schedules, tuned records (see `tuning_passes`) are applied right after FuseTIR, and the default
-    schedules then take every function the database did not cover.
+    With schedules, attention subgraphs first become one fused kernel on CPU targets
+    (`edgecc.ir_passes.fuse_attention`); tuned records (see `tuning_passes`) are applied right after FuseTIR,
+    and the default schedules then take every function the database did not cover.
     """
     target = spec.tvm()
     from edgecc.targets.byoc import byoc_passes  # vendor targets: partition to the vendor codegen first
 
-    stages = byoc_passes(spec) + legalize_and_fuse_passes()
+    from edgecc.ir_passes.fuse_attention import fuse_attention_pass  # attention -> one kernel (CPU schedules)
+
+    fused = [fuse_attention_pass(spec)] if with_schedules and spec.device == "cpu" else []
+    stages = byoc_passes(spec) + fused + legalize_and_fuse_passes()
     if with_schedules:
         stages += tuning_passes(spec, tuning_db)
         stages += schedule_passes(spec)

@@ -107,6 +107,11 @@ def verify(artifact_dir: str | Path, onnx_path: str | Path, feeds: dict[str, np.
     from edgecc.runtime_bridge.host import load_artifact
 
     artifact = load_artifact(artifact_dir)
+    sub = [t.name for t in artifact.signature.inputs + artifact.signature.outputs if t.element is not None]
+    if sub:  # onnxruntime's Python API rejects ml_dtypes int4/float4 arrays ("Numpy_type ... MLDataType")
+        raise EdgeccError(f"the model's inputs/outputs {sub} are sub-byte tensors, which onnxruntime's Python API "
+                          "cannot take or return", "compare against onnx.reference.ReferenceEvaluator instead "
+                          "(edgecc passes them one element per byte: docs/verification.md)")
     model = load_model(onnx_path)
     if feeds is None:
         feeds = random_feeds(artifact.signature, model, seed)

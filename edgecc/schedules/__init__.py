@@ -9,6 +9,11 @@ tuning. Rules, tried in order, one module per op family (like TVM's dlight):
 - `elementwise.Elementwise`: injective kernels
 - `reduction.Fallback`: anything else gets at least its outer loops parallel
 
+Attention is not left to these rules: before legalization, `edgecc.ir_passes.fuse_attention` replaces
+``softmax(q K^T * c [+ mask]) V`` with one pre-scheduled kernel (`attention.prefill_attention_kernel`,
+flash-style over key blocks; decode steps over a KV cache get `attention.decode_attention_kernel` from
+`edgecc.ir_passes.kv_cache`).
+
 Tile sizes come from `params.cpu_params(spec)`. A rule that does not match leaves the function alone, a
 rule that fails falls back to the next one, and a function no rule scheduled keeps its naive loops;
 `unscheduled_primfuncs(mod)` lists those (`schedule_report(mod)` says which rule took each function).

@@ -66,9 +66,12 @@ def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: st
         return buf[col // tile, row, col % tile]
 
     if scheme.act_bits == 8:
+        def at_w(buf, row, col):  # the int8 dot-product layout (edgecc.schedules.int8_dot.pack_k4)
+            return buf[col // tile, row // 4, (col % tile) * 4 + row % 4]
+
         if panel_rows(m):
-            return inputs + [_w8a8_panel_compute(x, w, s, m, k, n, at)]
-        return inputs + [_w8a8_compute(x, w, s, m, k, n, at)]
+            return inputs + [_w8a8_panel_compute(x, w, s, m, k, n, at, at_w)]
+        return inputs + [_w8a8_compute(x, w, s, m, k, n, at, at_w)]
 
     words_per_group = g_size * bits // 32
     last_word = w_shape[1] - 1
@@ -127,7 +130,7 @@ def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: st
     return inputs + [y]
 
 
-def _w8a8_panel_compute(x, w, s, m, k, n, at):
+def _w8a8_panel_compute(x, w, s, m, k, n, at, at_w):
     """w8a8 for many rows as a float GEMM on the same integer grid: x quantized per row and dequantized
     (`round(x / sx) * sx`), weights decoded per panel as `code * scale`. Each product is the int8 x int8
     product times both scales, exactly; the sums are fp32 (exact integers up to 2^24, i.e. K <= 1040 at
@@ -137,19 +140,19 @@ def _w8a8_panel_compute(x, w, s, m, k, n, at):
     sx = te.compute((m,), lambda i: tirx.Select(amax[i] > 0, amax[i] / 127.0, tirx.const(1.0, "float32")), name="sx")
     xfq = te.compute((m, k), lambda i, c: tirx.max(tirx.min(tirx.round(x[i, c].astype("float32") / sx[i]), 127.0),
                                                    -127.0) * sx[i], name="xfq")
-    wf = te.compute((k, n), lambda kk, c: at(w, kk, c).astype("float32") * at(s, 0, c), name="wf")
+    wf = te.compute((k, n), lambda kk, c: at_w(w, kk, c).astype("float32") * at(s, 0, c), name="wf")
     r2 = te.reduce_axis((0, k), name="r2")
     return te.compute((m, n), lambda i, c: te.sum(xfq[i, r2] * wf[r2, c], axis=r2), name="y")
 
 
-def _w8a8_compute(x, w, s, m, k, n, at):
+def _w8a8_compute(x, w, s, m, k, n, at, at_w):
     r = te.reduce_axis((0, k), name="r")
     amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, r].astype("float32")), axis=r), name="amax")
     sx = te.compute((m,), lambda i: tirx.Select(amax[i] > 0, amax[i] / 127.0, tirx.const(1.0, "float32")), name="sx")
     xq = te.compute((m, k), lambda i, c: tirx.max(tirx.min(tirx.round(x[i, c].astype("float32") / sx[i]), 127.0),
                                                   -127.0).astype("int8"), name="xq")
     kk = te.reduce_axis((0, k), name="j")
-    acc = te.compute((m, n), lambda i, c: te.sum(xq[i, kk].astype("int32") * at(w, kk, c).astype("int32"), axis=kk),
+    acc = te.compute((m, n), lambda i, c: te.sum(xq[i, kk].astype("int32") * at_w(w, kk, c).astype("int32"), axis=kk),
                      name="part")
     return te.compute((m, n), lambda i, c: acc[i, c].astype("float32") * sx[i] * at(s, 0, c), name="y")
 
@@ -296,7 +299,17 @@ def _has_root(sch) -> bool:
 
 def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tvm.target.Target | None = None,
                               x_dtype: str = "float32", schedule: bool = True) -> tuple[tirx.PrimFunc, bool]:
-    """The kernel as a PrimFunc (scheduled for `target` when possible) and whether the schedule applied."""
+    """The kernel as a PrimFunc (scheduled for `target` when possible) and whether the schedule applied.
+
+    w8a8 on a CPU with int8 dot products (AVX-512 VNNI, Arm dotprod) and a float32 input: the hand-written
+    kernel of `edgecc.schedules.int8_dot` (2.5-5x the generic one)."""
+    if schedule and scheme.act_bits == 8 and x_dtype == "float32":
+        from edgecc.schedules import int8_dot
+
+        isa = int8_dot.target_dot_isa(target)
+        tile = scheme.stored_shapes(k, n)["scales"][0][2]
+        if int8_dot.supports(isa, n, tile):
+            return int8_dot.int8_dot_matmul_kernel(k, n, tile, isa, rows=m), True
     func = te.create_prim_func(quantized_matmul_compute(m, k, n, scheme, x_dtype)).without_attr("global_symbol")
     if not schedule:
         return func, False
@@ -305,4 +318,66 @@ def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tv
     except Exception as exc:  # noqa: BLE001 - a schedule bug costs speed, not the build
         log.warning("quantized matmul schedule failed for %sx%sx%s %s: %s", m, k, n, scheme.name,
                     str(exc).strip().splitlines()[-1][:200])
+        return func, False
+
+
+# ------------------------------------------------------------------------------------------ gather
+
+
+def quantized_gather_compute(m, d: int, v: int, scheme: QuantScheme, idx_dtype: str = "int64",
+                             out_dtype: str = "float32"):
+    """TE tensors for rows `idx` of a quantized [V, D] table stored as the [K = D, N = V] right operand of
+    `x @ table^T` (tile-major): out[i, c] = scale[c // G, row] * (code[c, row] - zero[c // G, row]).
+    Only the gathered rows are decoded; negative indices count from the end (ONNX Gather)."""
+    g_size = scheme.group_for(d)
+    bits = scheme.bits
+    shapes = scheme.stored_shapes(d, v)
+    tile = shapes["scales"][0][2]
+    idx = te.placeholder((m,), idx_dtype, name="indices")
+    w = te.placeholder(shapes["weight"][0], shapes["weight"][1], name="qweight")
+    s = te.placeholder(shapes["scales"][0], shapes["scales"][1], name="scales")
+    z = te.placeholder(shapes["zeros"][0], "uint8", name="zeros") if "zeros" in shapes else None
+    last_word = shapes["weight"][0][1] - 1
+    mask = tirx.const((1 << bits) - 1, "uint32")
+
+    def at(buf, row, col):
+        return buf[col // tile, row, col % tile]
+
+    def value(i, c):
+        r = idx[i].astype("int64")
+        r = tirx.max(tirx.min(tirx.Select(r < 0, r + v, r), tirx.const(v - 1, "int64")), tirx.const(0, "int64"))
+        g = c // g_size
+        if bits == 8:
+            code = at(w, c, r).astype("float32")
+        else:
+            pos = c * bits
+            word, shift = pos // 32, (pos % 32).astype("uint32")
+            val = at(w, word, r) >> shift
+            if 32 % bits:  # a code may straddle two words
+                nxt = at(w, tirx.min(word + 1, last_word), r) << (tirx.const(32, "uint32") - shift)
+                val = tirx.if_then_else(pos % 32 + bits > 32, val | nxt, val)
+            code = (val & mask).astype("float32")
+        if z is not None:
+            code = code - at(z, g, r).astype("float32")
+        elif scheme.zero_offset:
+            code = code - tirx.const(float(scheme.zero_offset), "float32")
+        return (at(s, g, r).astype("float32") * code).astype(out_dtype)
+
+    out = te.compute((m, d), value, name="rows")
+    return [idx, w, s] + ([z] if z is not None else []) + [out]
+
+
+def quantized_gather_primfunc(m, d: int, v: int, scheme: QuantScheme, idx_dtype: str = "int64",
+                              out_dtype: str = "float32") -> tuple[tirx.PrimFunc, bool]:
+    """The gather kernel as a PrimFunc, rows in parallel (each row decodes D codes), and whether the
+    schedule applied."""
+    func = te.create_prim_func(quantized_gather_compute(m, d, v, scheme, idx_dtype, out_dtype))
+    func = func.without_attr("global_symbol")
+    try:
+        sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+        i, _ = sch.get_loops(sch.get_sblock("rows"))
+        sch.parallel(i)
+        return sch.mod["main"], True
+    except Exception as exc:  # noqa: BLE001 - a schedule bug costs speed, not the build
+        log.warning("quantized gather schedule failed for %sx%s %s: %s", m, d, scheme.name, exc)
         return func, False

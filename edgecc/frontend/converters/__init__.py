@@ -8,9 +8,12 @@ those of TVM's converters (`params` = [graph nodes, params]), plus the model's d
 
 Modules: `standard.py` (default-domain ops: Shape, Constant, LayerNormalization with Mean/InvStdDev,
 RMSNormalization, the loss ops, EyeLike, OneHot, Swish/SwiGLU/Celu, LpNormalization, CumProd,
-ReverseSequence, BitCast, CenterCropPad, TensorScatter, Dropout's mask, mixed-type Pow, bool ReduceMax/Min),
+ReverseSequence, BitCast, CenterCropPad, TensorScatter, Dropout's mask, mixed-type Pow, bool/float ReduceMax/Min,
+IsInf's detect flags, float Mod, the window functions), `resize.py` (Resize and Upsample, every mode),
 `attention.py` (standard Attention and RotaryEmbedding; com.microsoft RotaryEmbedding, MultiHeadAttention,
-GroupQueryAttention), `float8.py` (Cast/CastLike to and from the float8 types), `quantized.py`
+GroupQueryAttention), `float8.py` (Cast/CastLike to and from the float8 types), `subbyte.py` (Cast, CastLike,
+QuantizeLinear, DequantizeLinear on int4/uint4/int2/uint2/float4e2m1 held one element per byte; called by the
+importer for nodes that touch such values rather than looked up here), `quantized.py`
 (QuantizeLinear/DequantizeLinear per-tensor, per-axis and blocked, QLinearMatMul, QLinearConv, ConvInteger),
 `contrib.py` (com.microsoft: MatMulNBits, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization).
 TVM's own converters are used (and tested in tests/test_converters.py) for DynamicQuantizeLinear,
@@ -52,7 +55,8 @@ def register(op_type: str, domain: str = "", *more_domains: str):
 def _load() -> None:
     if not _state["loaded"]:
         _state["loaded"] = True
-        from edgecc.frontend.converters import attention, contrib, float8, quantized, standard  # noqa: F401 - registers
+        from edgecc.frontend.converters import (  # noqa: F401 - registers
+            attention, contrib, float8, quantized, resize, standard)
 
 
 def set_enabled(enabled: bool) -> None:

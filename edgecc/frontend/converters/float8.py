@@ -1,4 +1,4 @@
-"""`Cast` / `CastLike` to and from the float8 types (E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ).
+"""`Cast` / `CastLike` to and from the float8 types (E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ; and to E8M0).
 
 TVM 0.27's float8 conversions on CPU are wrong for the FNUZ formats and round differently from the ONNX
 reference (ml_dtypes) for the others. edgecc converts through the bytes instead: decoding is a 256-entry
@@ -81,6 +81,36 @@ def _encode(bb, xf, name: str, saturate: bool):
     return emit(bb, relax.op.memory.view(cast(bb, code, "uint8"), dims, name))
 
 
+def _encode_e8m0(bb, x, saturate: bool, round_mode: str):
+    """float -> float8_e8m0fnu (a bare power-of-two exponent): the float32 exponent field, rounded up, down or
+    to nearest from the mantissa bits exactly as onnx.numpy_helper.to_float8e8m0; inf/NaN -> 0xFF."""
+    i32 = "int32"
+    xf = cast(bb, x, "float32")
+    dims = static_shape(xf)
+    k = lambda v: const(np.int32(v), i32)  # noqa: E731
+    bits = emit(bb, relax.op.memory.view(xf, dims, i32))
+    exponent = emit(bb, relax.op.bitwise_and(relax.op.right_shift(bits, k(23)), k(0xFF)))
+    special = emit(bb, relax.op.equal(exponent, k(0xFF)))
+    nonzero = lambda mask: relax.op.not_equal(relax.op.bitwise_and(bits, k(mask)), k(0))  # noqa: E731
+    if round_mode == "up":
+        up = nonzero(0x7FFFFF)
+    elif round_mode == "nearest":
+        lsb = relax.op.greater(exponent, k(0))
+        up = relax.op.logical_and(nonzero(0x400000),
+                                  relax.op.logical_or(relax.op.logical_or(nonzero(0x200000), nonzero(0x1FFFFF)), lsb))
+    elif round_mode == "down":
+        up = None
+    else:
+        raise ValueError(f"Cast: unsupported round_mode '{round_mode}'")
+    if up is not None:
+        up = relax.op.logical_and(up, relax.op.logical_not(special))
+        if saturate:
+            up = relax.op.logical_and(up, relax.op.not_equal(exponent, k(0xFE)))
+        exponent = emit(bb, relax.op.add(exponent, relax.op.astype(up, i32)))
+    code = emit(bb, relax.op.where(special, k(0xFF), exponent))
+    return emit(bb, relax.op.memory.view(cast(bb, code, "uint8"), dims, "float8_e8m0fnu"))
+
+
 def cast_float8(bb, x, to: str, saturate: bool):
     src = dtype_of(x)
     if src not in _F8.values() and to not in _F8.values():
@@ -96,6 +126,10 @@ def cast_float8(bb, x, to: str, saturate: bool):
 @register("Cast")
 def cast_op(bb, inputs, attrs, params, opset):
     code = int(attrs["to"])
+    if code == 24 and static_shape(inputs[0]) is not None:  # FLOAT8E8M0
+        mode = attrs.get("round_mode", b"up")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        return _encode_e8m0(bb, inputs[0], bool(int(attrs.get("saturate", 1))), mode)
     to = _F8.get(code)
     if to is None:
         if dtype_of(inputs[0]) not in _F8.values():

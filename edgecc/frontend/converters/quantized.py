@@ -6,15 +6,34 @@ scales/zero points for 8- and 16-bit integer types with plain Relax arithmetic (
 `clip(round(x / scale) + zp)` with round-half-to-even), so fusion sees ordinary elementwise ops. Float8 and
 sub-byte types are left to TVM's converters (`NotImplemented`). `QLinearMatMul`, `QLinearConv` and
 `ConvInteger` (absent from TVM) accumulate in int32 exactly as the ONNX reference does, then requantize.
+
+Models quantized by onnxruntime's tools map onto edgecc's packed kernels (`edgecc.quantized_matmul`,
+docs/compression.md "Models that are already quantized") instead of a float copy of the weight:
+
+* QDQ weights: `DequantizeLinear` of a constant int8/uint8 2-D weight (per tensor, per output channel, or
+  blocked along the reduction axis) feeding `MatMul` / `Gemm` (directly, through a Transpose, or as a Gemm's
+  transB operand) -> `w8[g<block>]` (int8, zero points all 0) or `w8[g<block>]-asym`. The DequantizeLinear
+  converter still emits the float dequantization (another consumer may need it) and remembers its operands;
+  the MatMul/Gemm converters look them up and emit the packed op, leaving the float weight dead (removed
+  before the weights are lifted). Activation QDQ pairs stay as they are: fake quantization in float.
+* `MatMulInteger(A, B, a_zp, b_zp)` with a constant int8/uint8 B (what `quantize_dynamic` emits after
+  `DynamicQuantizeLinear`): `w8` / `w8-asym` codes with unit scales, fed `float(A - a_zp)`; the kernel's
+  float sums are the integer sums (exact while they stay below 2^24 in magnitude), rounded back to int32. The activation
+  grid stays onnxruntime's (uint8, per tensor) rather than edgecc's w8a8 (int8, per row), so the results
+  equal onnxruntime's int32 accumulator. `DynamicQuantizeLinear` itself is converted here with onnxruntime's
+  arithmetic (TVM's adds the zero point before rounding and divides by a zero scale on an all-zero input).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import tvm
 from tvm import relax
 
+from edgecc.frontend.converters import _packing as pk
 from edgecc.frontend.converters import register
-from edgecc.frontend.converters._util import cast, dtype_of, emit, present, static_shape
+from edgecc.frontend.converters._util import cast, const, dtype_of, emit, present, static_shape
 
 _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
            "int32": (-(2**31), 2**31 - 1)}
@@ -62,7 +81,172 @@ def dequantize_linear(bb, inputs, attrs, params, opset):
         zp = cast(bb, _param_for(bb, inputs[2], x_shape, axis, block), "float32")
         xf = emit(bb, relax.op.subtract(xf, zp))
     s = cast(bb, _param_for(bb, scale, x_shape, axis, block), "float32")
-    return cast(bb, emit(bb, relax.op.multiply(xf, s)), out_dtype)
+    out = cast(bb, emit(bb, relax.op.multiply(xf, s)), out_dtype)
+    if len(x_shape) == 2 and dtype_of(x) in ("int8", "uint8") and pk.is_weight(x, params) \
+            and pk.is_weight(scale, params) and (not present(inputs, 2) or pk.is_weight(inputs[2], params)):
+        _remember(params, out, {"q": x, "scale": scale, "zp": inputs[2] if present(inputs, 2) else None,
+                                "axis": axis, "block": block, "shape": x_shape})
+    return out
+
+
+# ------------------------------------------------------------------------ QDQ weights -> packed kernels
+
+_TRACK: dict = {"graph": None, "weights": {}}
+
+
+def _remember(params, out, info: dict) -> None:
+    """Record a dequantized constant weight (keyed by its output; reset for every imported graph)."""
+    if _TRACK["graph"] is not params[0]:
+        _TRACK.update(graph=params[0], weights={})
+    _TRACK["weights"][out] = info
+
+
+def _tracked(bb, params, expr):
+    """(DequantizeLinear info, transposed) when `expr` is a remembered weight or its 2-D transpose."""
+    if _TRACK["graph"] is not params[0]:
+        return None, False
+    table = _TRACK["weights"]
+    if expr in table:
+        return table[expr], False
+    bound = expr
+    if isinstance(expr, relax.Var):
+        try:
+            bound = bb.lookup_binding(expr)
+        except Exception:  # noqa: BLE001 - not bound in this builder
+            return None, False
+    if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == "relax.permute_dims"
+            and bound.args[0] in table and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])):
+        return table[bound.args[0]], True
+    return None, False
+
+
+def _per_n(bb, p, n: int, n_major: bool, per_tensor: bool):
+    """A scale / zero point as [N, groups] (N-major, for `tile_n_major`)."""
+    if per_tensor:
+        return emit(bb, relax.op.broadcast_to(emit(bb, relax.op.reshape(p, [1, 1])), [n, 1]))
+    shape = static_shape(p)
+    if len(shape) == 1:
+        return emit(bb, relax.op.reshape(p, [n, 1]))
+    return p if n_major else emit(bb, relax.op.permute_dims(p, [1, 0]))
+
+
+def _packed_from_dq(bb, params, info: dict, n_major: bool, name: str, source: str):
+    """(qweight, scales, zeros or None, annotation) of a DequantizeLinear weight, or None when the
+    quantization does not map onto an edgecc scheme (blocks or channels along the wrong axis)."""
+    rows, cols = info["shape"]
+    k, n = (cols, rows) if n_major else (rows, cols)
+    k_axis, n_axis = (1, 0) if n_major else (0, 1)
+    sshape = static_shape(info["scale"])
+    per_tensor = len(sshape) == 0 or (len(sshape) == 1 and sshape[0] == 1 and n != 1)
+    if per_tensor:
+        group = -1
+    elif info["block"] == 0 and info["axis"] == n_axis and len(sshape) == 1:
+        group = -1
+    elif info["block"] and info["axis"] == k_axis and len(sshape) == 2 and k % info["block"] == 0:
+        group = info["block"]
+    else:
+        return None
+    q, zp, qdt = info["q"], info["zp"], dtype_of(info["q"])
+    zvals = pk.constant_value(zp, params) if zp is not None else None
+    symmetric = qdt == "int8" and (zvals is None or not np.any(zvals))
+    scheme = pk.scheme_for(8, group, symmetric)
+    if scheme is None or scheme.check_shape(k, n):
+        return None
+    codes = q if n_major else emit(bb, relax.op.permute_dims(q, [1, 0]))  # [N, K]
+    if qdt == "int8" and not symmetric:
+        codes = pk.flip_sign_bit(bb, codes)
+    qweight = pk.tile_n_major(bb, codes, n, pk.var_name(name, "qweight"))
+    s = _per_n(bb, pk.float32(bb, info["scale"]), n, n_major, per_tensor)
+    scales = pk.tile_n_major(bb, s, n, pk.var_name(name, "scales"))
+    zeros = None
+    if not symmetric:
+        groups = k // scheme.group_for(k)
+        if zp is None:
+            z = const(np.zeros((n, groups), np.uint8), "uint8")
+        else:
+            z = _per_n(bb, zp, n, n_major, per_tensor)
+            z = pk.flip_sign_bit(bb, z) if qdt == "int8" else z
+        zeros = pk.tile_n_major(bb, z, n, pk.var_name(name, "zeros"))
+    return qweight, scales, zeros, pk.annotation(scheme, k, n, name, source)
+
+
+def _quantized_linear(bb, params, x, w, n_major_default: bool, attrs, source: str):
+    """x @ W through the packed kernel when W is a remembered DequantizeLinear weight, else None."""
+    info, transposed = _tracked(bb, params, w)
+    x_shape = static_shape(x)
+    if info is None or (x_shape is not None and len(x_shape) < 2) or x.ty.ndim < 2 or dtype_of(x) != "float32":
+        return None
+    packed = _packed_from_dq(bb, params, info, n_major_default != transposed, pk.node_name(attrs, source), source)
+    if packed is None:
+        return None
+    from edgecc.ir_passes.compression import quantized_matmul
+
+    return emit(bb, quantized_matmul(x, *packed))
+
+
+@register("MatMul")
+def matmul_qdq(bb, inputs, attrs, params, opset):
+    y = _quantized_linear(bb, params, inputs[0], inputs[1], False, attrs, "QDQ MatMul")
+    return NotImplemented if y is None else y
+
+
+@register("Gemm")
+def gemm_qdq(bb, inputs, attrs, params, opset):
+    if int(attrs.get("transA", 0)):
+        return NotImplemented
+    y = _quantized_linear(bb, params, inputs[0], inputs[1], bool(int(attrs.get("transB", 0))), attrs, "QDQ Gemm")
+    if y is None:
+        return NotImplemented
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    if alpha != 1.0:
+        y = emit(bb, relax.op.multiply(y, const(alpha, "float32")))
+    if present(inputs, 2) and beta != 0.0:
+        c = inputs[2] if beta == 1.0 else emit(bb, relax.op.multiply(inputs[2], const(beta, dtype_of(inputs[2]))))
+        y = emit(bb, relax.op.add(y, c))
+    return y
+
+
+@register("MatMulInteger")
+def matmul_integer(bb, inputs, attrs, params, opset):
+    """Constant int8/uint8 B -> the w8 kernel on float(A - a_zp) (see module docstring); else TVM's."""
+    a, b = inputs[0], inputs[1]
+    a_zp = inputs[2] if present(inputs, 2) else None
+    b_zp = inputs[3] if present(inputs, 3) else None
+    bshape, qdt = static_shape(b), dtype_of(b)
+    if (bshape is None or len(bshape) != 2 or qdt not in ("int8", "uint8") or not pk.is_weight(b, params)
+            or a.ty.ndim < 2 or (b_zp is not None and not pk.is_weight(b_zp, params))):
+        return NotImplemented
+    zshape = static_shape(a_zp) if a_zp is not None else []
+    if zshape is None or int(np.prod(zshape)) != 1:
+        return NotImplemented  # per-row activation zero points
+    k, n = bshape
+    zvals = pk.constant_value(b_zp, params) if b_zp is not None else None
+    if zvals is not None and zvals.size not in (1, n):
+        return NotImplemented
+    symmetric = qdt == "int8" and (zvals is None or not np.any(zvals))
+    scheme = pk.scheme_for(8, -1, symmetric)
+    name = pk.node_name(attrs, "MatMulInteger")
+    codes = emit(bb, relax.op.permute_dims(b, [1, 0]))  # [N, K]
+    if qdt == "int8" and not symmetric:
+        codes = pk.flip_sign_bit(bb, codes)
+    qweight = pk.tile_n_major(bb, codes, n, pk.var_name(name, "qweight"))
+    scales = pk.tile_n_major(bb, const(np.ones((n, 1), np.float32), "float32"), n, pk.var_name(name, "scales"))
+    zeros = None
+    if not symmetric:
+        if b_zp is None:
+            z = const(np.zeros((n, 1), np.uint8), "uint8")
+        else:
+            z = emit(bb, relax.op.broadcast_to(emit(bb, relax.op.reshape(b_zp, [-1, 1])), [n, 1]))
+            z = pk.flip_sign_bit(bb, z) if qdt == "int8" else z
+        zeros = pk.tile_n_major(bb, z, n, pk.var_name(name, "zeros"))
+    x = cast(bb, a, "float32")
+    if a_zp is not None:
+        x = emit(bb, relax.op.subtract(x, cast(bb, emit(bb, relax.op.reshape(a_zp, [])), "float32")))
+    from edgecc.ir_passes.compression import quantized_matmul
+
+    ann = pk.annotation(scheme, k, n, name, "MatMulInteger", orig_dtype=qdt)
+    y = emit(bb, quantized_matmul(x, qweight, scales, zeros, ann))
+    return cast(bb, emit(bb, relax.op.round(y)), "int32")
 
 
 @register("QuantizeLinear")
@@ -82,6 +266,23 @@ def quantize_linear(bb, inputs, attrs, params, opset):
         q = emit(bb, relax.op.add(q, cast(bb, _param_for(bb, inputs[2], x_shape, axis, block), "float32")))
     lo, hi = _RANGES[out_dtype]
     return emit(bb, relax.op.astype(relax.op.clip(q, lo, hi), out_dtype))
+
+
+@register("DynamicQuantizeLinear")
+def dynamic_quantize_linear(bb, inputs, attrs, params, opset):
+    """uint8 per-tensor quantization with onnxruntime's arithmetic: scale = (max(x, 0) - min(x, 0)) / 255,
+    zp = round(clip(-min / scale)), y = clip(round(x / scale) + zp), rounding half to even (TVM's converter
+    adds zp before rounding, which moves ties). An all-zero x gets scale 1 rather than a division by 0."""
+    x = cast(bb, inputs[0], "float32")
+    zero = const(0.0, "float32")
+    hi = emit(bb, relax.op.maximum(zero, relax.op.max(x)))
+    lo = emit(bb, relax.op.minimum(zero, relax.op.min(x)))
+    span = emit(bb, relax.op.divide(relax.op.subtract(hi, lo), const(255.0, "float32")))
+    scale = emit(bb, relax.op.where(relax.op.equal(span, zero), const(1.0, "float32"), span))
+    zp = emit(bb, relax.op.round(relax.op.clip(relax.op.subtract(zero, relax.op.divide(lo, scale)), 0, 255)))
+    q = emit(bb, relax.op.add(relax.op.round(relax.op.divide(x, scale)), zp))
+    y = emit(bb, relax.op.astype(relax.op.clip(q, 0, 255), "uint8"))
+    return relax.Tuple([y, cast(bb, scale, dtype_of(inputs[0])), cast(bb, zp, "uint8")])
 
 
 def _centered(bb, x, zp, zp_shape_fn=None):

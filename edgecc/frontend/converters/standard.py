@@ -10,10 +10,15 @@
 * Ops TVM 0.27 lacks: `NegativeLogLikelihoodLoss`, `SoftmaxCrossEntropyLoss`, `Swish`, `SwiGLU`, `Celu`,
   `LpNormalization`, `CumProd`, `ReverseSequence`, `BitCast`, `CenterCropPad`, `TensorScatter`,
   `CausalConvWithState`, `DFT` (cos/sin matrix products), `RNN` / `GRU` / `LSTM` (unrolled over the static
-  sequence, default activations); `Scan` / `Loop` are unrolled by the importer itself.
+  sequence, default activations), `Col2Im` (one scatter-add), `STFT` (framing + cos/sin products),
+  `HannWindow` / `HammingWindow` / `BlackmanWindow` and `MelWeightMatrix` of constant inputs (constants);
+  `Scan` / `Loop` are unrolled by the importer itself.
 * Ops TVM gets wrong in some cases: `EyeLike` with a dtype, `OneHot` (constant depth of another dtype,
   negative indices), `Dropout`'s mask output (TVM returns a float mask), `Pow` with mixed dtypes, `Elu` in
-  half precision, `ReduceMax` / `ReduceMin` on bool.
+  half precision, `ReduceMax` / `ReduceMin` on bool, on all-infinite rows and on empty sets, `IsInf`'s
+  detect flags, float `Mod` with fmod=0, `BitShift` by out-of-range amounts, `SpaceToDepth` CRD, `Split`
+  with zero sizes, `ConvTranspose` with `output_shape`, `MaxPool`'s Indices output, `BatchNormalization`
+  in training mode.
 """
 
 from __future__ import annotations
@@ -373,10 +378,15 @@ def tensor_scatter(bb, inputs, attrs, params, opset):
     return emit(bb, relax.op.scatter_elements(cache, idx, update, axis=axis))
 
 
-def _bool_reduce(op):
+def _extreme_reduce(op, is_max: bool):
+    """ReduceMax/ReduceMin on bool and floats. TVM starts a float max at the lowest *finite* value (min at the
+    largest), so an all -inf row (a fully masked attention row) or an empty set gave -3.4e38 instead of -inf;
+    the result is corrected where it equals that start value and no element does. Bool goes through int8."""
+
     def convert(bb, inputs, attrs, params, opset):
         x = inputs[0]
-        if dtype_of(x) != "bool":
+        dt = dtype_of(x)
+        if dt != "bool" and dt not in ("float16", "float32", "float64"):
             return NotImplemented
         axes = attrs.get("axes")
         if axes is None and present(inputs, 1):
@@ -387,14 +397,62 @@ def _bool_reduce(op):
         if not axes and int(attrs.get("noop_with_empty_axes", 0)):
             return x
         keep = bool(int(attrs.get("keepdims", 1)))
-        y = op(cast(bb, x, "int8"), axis=axes or None, keepdims=keep)
-        return cast(bb, emit(bb, y), "bool")
+        dims = static_shape(x)
+        if dims is not None and 0 in [dims[a] for a in (axes or range(len(dims)))]:  # an empty set: the identity
+            rank = len(dims)
+            red = {a % rank for a in (axes or range(rank))}
+            out = [1 if i in red else d for i, d in enumerate(dims) if keep or i not in red]
+            value = (not is_max) if dt == "bool" else (-np.inf if is_max else np.inf)
+            return const(np.full(out, value, dtype=dt), dt)
+        if dt == "bool":  # int8 start values (-128 / 127) compare to 0 as an empty set must: False / True
+            y = emit(bb, op(cast(bb, x, "int8"), axis=axes or None, keepdims=keep))
+            return emit(bb, relax.op.greater(y, const(np.int8(0), "int8")))
+        y = emit(bb, op(x, axis=axes or None, keepdims=keep))
+        info = np.finfo(dt)
+        start = const(info.min if is_max else info.max, dt)
+        hits = relax.op.max(relax.op.astype(relax.op.equal(x, start), "int8"), axis=axes or None, keepdims=keep)
+        none = relax.op.less_equal(hits, const(np.int8(0), "int8"))  # an empty max of int8 is -128
+        empty = relax.op.logical_and(relax.op.equal(y, start), none)
+        return emit(bb, relax.op.where(empty, const(-np.inf if is_max else np.inf, dt), y))
 
     return convert
 
 
-register("ReduceMax")(_bool_reduce(relax.op.max))
-register("ReduceMin")(_bool_reduce(relax.op.min))
+register("ReduceMax")(_extreme_reduce(relax.op.max, True))
+register("ReduceMin")(_extreme_reduce(relax.op.min, False))
+
+
+@register("IsInf")
+def is_inf(bb, inputs, attrs, params, opset):
+    """IsInf with `detect_positive` / `detect_negative` (TVM's converter ignores both)."""
+    x = inputs[0]
+    pos, neg = int(attrs.get("detect_positive", 1)), int(attrs.get("detect_negative", 1))
+    if pos and neg:
+        return NotImplemented
+    if not pos and not neg:
+        return emit(bb, relax.op.zeros_like(x, "bool"))
+    inf = const(np.inf if pos else -np.inf, dtype_of(x))
+    return emit(bb, relax.op.equal(x, inf))
+
+
+@register("Mod")
+def mod(bb, inputs, attrs, params, opset):
+    """Float Mod with fmod=0 (numpy's `mod`: the sign of the divisor), including inf and signed zeros:
+    fmod, then add the divisor where the signs differ; a zero result takes the divisor's sign."""
+    a, b = inputs
+    dt = dtype_of(a)
+    if int(attrs.get("fmod", 0)) or dt not in ("float16", "float32", "float64"):
+        return NotImplemented
+    work = "float32" if dt == "float16" else dt
+    a, b = cast(bb, a, work), cast(bb, b, work)
+    zero = const(0.0, work)
+    r = emit(bb, relax.op.mod(a, b))
+    differ = relax.op.logical_and(relax.op.not_equal(r, zero),
+                                  relax.op.logical_xor(relax.op.less(r, zero), relax.op.less(b, zero)))
+    r = emit(bb, relax.op.where(differ, relax.op.add(r, b), r))
+    signed_zero = relax.op.where(relax.op.less(b, zero), const(-0.0, work), zero)
+    r = emit(bb, relax.op.where(relax.op.equal(r, zero), signed_zero, r))
+    return cast(bb, r, dt)
 
 
 @register("OneHot")
@@ -699,3 +757,293 @@ def _unrolled_only(op: str):
 # (edgecc/frontend/importer.py); registering them here makes `op_support` count them as importable.
 register("Scan")(_unrolled_only("Scan"))
 register("Loop")(_unrolled_only("Loop"))
+
+
+def _window(kind: str):
+    """HannWindow / HammingWindow / BlackmanWindow of a constant size: a constant (ONNX's formulas, in float64)."""
+
+    def convert(bb, inputs, attrs, params, opset):
+        size_v = const_value(inputs[0], params)
+        if size_v is None:
+            raise ValueError(f"{kind}Window needs a constant size")
+        size = int(np.asarray(size_v).reshape(-1)[0])
+        periodic = int(attrs.get("periodic", 1))
+        n = np.arange(size, dtype=np.float64)
+        denom = size if periodic else size - 1
+        x = 2 * np.pi * n / denom if denom > 0 else np.zeros_like(n)
+        if kind == "Hann":
+            w = 0.5 - 0.5 * np.cos(x)
+        elif kind == "Hamming":
+            w = 25 / 46 - (21 / 46) * np.cos(x)
+        else:
+            w = 0.42 - 0.5 * np.cos(x) + 0.08 * np.cos(2 * x)
+        dt = onnx_dtype(int(attrs.get("output_datatype", 1)))
+        return const(w.astype(dt), dt)
+
+    return convert
+
+
+for _kind in ("Hann", "Hamming", "Blackman"):
+    register(f"{_kind}Window")(_window(_kind))
+
+
+@register("BitShift")
+def bit_shift(bb, inputs, attrs, params, opset):
+    """BitShift with shift amounts outside [0, bits) (opset 28 semantics, which TVM's converter leaves to the
+    hardware): a left shift gives 0, a right shift 0 or, for a negative signed value, -1."""
+    x, s = inputs
+    dt = dtype_of(x)
+    bits = np.iinfo(dt).bits
+    right = _text_attr(attrs, "direction", "RIGHT") == "RIGHT"
+    sd = dtype_of(s)
+    valid = relax.op.less(s, const(bits, sd))
+    if np.issubdtype(np.dtype(sd), np.signedinteger):
+        valid = relax.op.logical_and(valid, relax.op.greater_equal(s, const(0, sd)))
+    valid = emit(bb, valid)
+    safe = emit(bb, relax.op.where(valid, s, const(0, sd)))
+    shifted = emit(bb, (relax.op.right_shift if right else relax.op.left_shift)(x, cast(bb, safe, dt)))
+    fill = const(0, dt)
+    if right and np.issubdtype(np.dtype(dt), np.signedinteger):
+        fill = relax.op.where(relax.op.less(x, const(0, dt)), const(-1, dt), const(0, dt))
+    return emit(bb, relax.op.where(valid, shifted, fill))
+
+
+def _text_attr(attrs, name: str, default: str) -> str:
+    v = attrs.get(name, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+@register("SpaceToDepth")
+def space_to_depth(bb, inputs, attrs, params, opset):
+    """SpaceToDepth's CRD mode (opset 28; TVM's converter knows only DCR)."""
+    if _text_attr(attrs, "mode", "DCR") != "CRD":
+        return NotImplemented
+    x = inputs[0]
+    dims = static_shape(x)
+    b = int(attrs["blocksize"])
+    if dims is None or len(dims) != 4:
+        return NotImplemented
+    n, c, hh, ww = dims
+    y = relax.op.reshape(x, [n, c, hh // b, b, ww // b, b])
+    y = relax.op.permute_dims(y, [0, 1, 3, 5, 2, 4])
+    return emit(bb, relax.op.reshape(y, [n, c * b * b, hh // b, ww // b]))
+
+
+@register("Split")
+def split(bb, inputs, attrs, params, opset):
+    """Split with constant sizes that include zeros (TVM's split needs strictly increasing indices)."""
+    x = inputs[0]
+    dims = static_shape(x)
+    sizes = attrs.get("split")
+    if sizes is None and present(inputs, 1):
+        sizes = const_value(inputs[1], params)
+    if dims is None or sizes is None:
+        return NotImplemented
+    sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+    if all(sizes):
+        return NotImplemented
+    axis = int(attrs.get("axis", 0)) % len(dims)
+    outs, start = [], 0
+    for size in sizes:
+        outs.append(emit(bb, relax.op.strided_slice(x, axes=[axis], begin=[start], end=[start + size])))
+        start += size
+    return relax.Tuple(outs)
+
+
+@register("ConvTranspose")
+def conv_transpose(bb, inputs, attrs, params, opset):
+    """ConvTranspose with `output_shape` (TVM's converter ignores it): the pads the spec derives from it, a
+    negative end pad becoming output_padding; then TVM's converter."""
+    from tvm.relax.frontend.onnx.onnx_frontend import ConvTranspose
+
+    out_shape = attrs.get("output_shape")
+    x_dims, w_dims = static_shape(inputs[0]), static_shape(inputs[1])
+    if out_shape is None or x_dims is None or w_dims is None:
+        return NotImplemented
+    n = len(x_dims) - 2
+    out_shape = list(out_shape)[-n:]
+    strides = list(attrs.get("strides", [1] * n))
+    dil = list(attrs.get("dilations", [1] * n))
+    out_pad = list(attrs.get("output_padding", [0] * n))
+    kernel = list(attrs.get("kernel_shape", w_dims[2:]))
+    upper = _text_attr(attrs, "auto_pad", "NOTSET") == "SAME_UPPER"
+    begin, end = [], []
+    for i in range(n):
+        total = strides[i] * (x_dims[i + 2] - 1) + out_pad[i] + (kernel[i] - 1) * dil[i] + 1 - out_shape[i]
+        b, e = (total // 2, total - total // 2) if upper else (total - total // 2, total // 2)
+        if b < 0:
+            return NotImplemented
+        if e < 0:
+            out_pad[i] -= e
+            e = 0
+        begin.append(b)
+        end.append(e)
+    fixed = {k: v for k, v in attrs.items() if k not in ("output_shape", "auto_pad")}
+    fixed.update(pads=begin + end, output_padding=out_pad)
+    return ConvTranspose.get_converter(opset)(bb, inputs, fixed, params)
+
+
+@register("Col2Im")
+def col2im(bb, inputs, attrs, params, opset):
+    """Col2Im with constant image and block shapes: every column element added into its (padded) image
+    position with one scatter-add; the padding is then cut off."""
+    x = inputs[0]
+    dims = static_shape(x)
+    image, block = const_value(inputs[1], params), const_value(inputs[2], params)
+    if dims is None or image is None or block is None:
+        return NotImplemented
+    image, block = [int(v) for v in np.asarray(image).reshape(-1)], [int(v) for v in np.asarray(block).reshape(-1)]
+    n = len(image)
+    strides = list(attrs.get("strides", [1] * n))
+    dil = list(attrs.get("dilations", [1] * n))
+    pads = list(attrs.get("pads", [0] * 2 * n))
+    padded = [image[i] + pads[i] + pads[i + n] for i in range(n)]
+    counts = [(padded[i] - (dil[i] * (block[i] - 1) + 1)) // strides[i] + 1 for i in range(n)]
+    batch, ck, length = dims
+    k = int(np.prod(block))
+    c = ck // k
+    kk = np.stack(np.meshgrid(*[np.arange(b) for b in block], indexing="ij"), -1).reshape(-1, n)  # [K, n]
+    ll = np.stack(np.meshgrid(*[np.arange(m) for m in counts], indexing="ij"), -1).reshape(-1, n)  # [L, n]
+    pos = ll[None, :, :] * np.array(strides) + kk[:, None, :] * np.array(dil)  # [K, L, n] padded coordinates
+    flat = np.ravel_multi_index(tuple(pos[..., i] for i in range(n)), padded).reshape(-1)  # [K*L]
+    idx = const(np.broadcast_to(flat, (batch, c, flat.size)).astype(np.int64), "int64")
+    dt = dtype_of(x)
+    upd = emit(bb, relax.op.reshape(x, [batch, c, k * length]))
+    zeros = const(np.zeros((batch, c, int(np.prod(padded))), dt), dt)
+    out = emit(bb, relax.op.scatter_elements(zeros, idx, upd, axis=2, reduction="add"))
+    out = emit(bb, relax.op.reshape(out, [batch, c] + padded))
+    if any(pads):
+        out = emit(bb, relax.op.strided_slice(out, axes=list(range(2, 2 + n)), begin=pads[:n],
+                                              end=[pads[i] + image[i] for i in range(n)]))
+    return out
+
+
+@register("STFT")
+def stft(bb, inputs, attrs, params, opset):
+    """STFT with a constant frame step and length: frames gathered with constant indices, windowed, then a
+    DFT as two matmuls with cos/sin tables (float64-built). Output [batch, frames, bins, 2]."""
+    x = inputs[0]
+    dims = static_shape(x)
+    step = const_value(inputs[1], params)
+    window = inputs[2] if present(inputs, 2) else None
+    length = const_value(inputs[3], params) if present(inputs, 3) else None
+    if length is None and window is not None and static_shape(window) is not None:
+        length = static_shape(window)[0]
+    if dims is None or step is None or length is None:
+        return NotImplemented
+    step, length = int(np.asarray(step).reshape(-1)[0]), int(np.asarray(length).reshape(-1)[0])
+    batch, sig_len, comp = dims
+    frames = (sig_len - length) // step + 1
+    onesided = int(attrs.get("onesided", 1))
+    bins = length // 2 + 1 if onesided else length
+    dt = dtype_of(x)
+    idx = (np.arange(frames)[:, None] * step + np.arange(length)[None, :]).reshape(-1)
+    fr = emit(bb, relax.op.take(x, const(idx.astype(np.int64), "int64"), axis=1))
+    fr = emit(bb, relax.op.reshape(fr, [batch, frames, length, comp]))
+    if window is not None:
+        fr = emit(bb, relax.op.multiply(fr, relax.op.reshape(cast(bb, window, dt), [1, 1, length, 1])))
+    ang = 2 * np.pi * np.outer(np.arange(length), np.arange(bins)) / length  # [length, bins]
+    cos, sin = const(np.cos(ang).astype(dt), dt), const(np.sin(ang).astype(dt), dt)
+
+    def part(i):
+        return emit(bb, relax.op.squeeze(relax.op.strided_slice(fr, axes=[3], begin=[i], end=[i + 1]), [3]))
+
+    xr = part(0)
+    re = relax.op.matmul(xr, cos)
+    im = relax.op.negative(relax.op.matmul(xr, sin))
+    if comp == 2:
+        xi = part(1)
+        re = relax.op.add(re, relax.op.matmul(xi, sin))
+        im = relax.op.add(im, relax.op.matmul(xi, cos))
+    return emit(bb, relax.op.stack([emit(bb, re), emit(bb, im)], axis=3))
+
+
+@register("MelWeightMatrix")
+def mel_weight_matrix(bb, inputs, attrs, params, opset):
+    """All inputs are constants: the matrix itself, computed by onnx's reference implementation."""
+    from onnx import helper
+    from onnx import numpy_helper as onnx_numpy
+    from onnx.reference import ReferenceEvaluator
+
+    values = [const_value(i, params) for i in inputs]
+    if any(v is None for v in values):
+        raise ValueError("MelWeightMatrix needs constant inputs")
+    code = int(attrs.get("output_datatype", 1))
+    names = [f"in{i}" for i in range(len(values))]
+    node = helper.make_node("MelWeightMatrix", names, ["w"], output_datatype=code)
+    graph = helper.make_graph([node], "mel", [], [helper.make_empty_tensor_value_info("w")],
+                              [onnx_numpy.from_array(np.asarray(v), n) for v, n in zip(values, names)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 17))])
+    w = ReferenceEvaluator(model).run(None, {})[0]
+    return const(np.asarray(w, dtype=onnx_dtype(code)), onnx_dtype(code))
+
+
+@register("BatchNormalization")
+def batch_norm_training(bb, inputs, attrs, params, opset):
+    """training_mode=1 (opset 14+): normalise with the batch's own mean and (population) variance and also
+    return the updated running statistics. Inference mode stays with TVM's converter."""
+    if not int(attrs.get("training_mode", 0)) or opset < 14:
+        return NotImplemented
+    x, scale, bias, mean, var = inputs[:5]
+    dims = static_shape(x)
+    if dims is None:
+        return NotImplemented
+    dt = dtype_of(x)
+    eps, momentum = float(attrs.get("epsilon", 1e-5)), float(attrs.get("momentum", 0.9))
+    axes = [a for a in range(len(dims)) if a != 1]
+    shape = [1, dims[1]] + [1] * (len(dims) - 2)
+    b_mean = emit(bb, relax.op.mean(x, axis=axes, keepdims=True))
+    b_var = emit(bb, relax.op.mean(relax.op.square(relax.op.subtract(x, b_mean)), axis=axes, keepdims=True))
+    norm = relax.op.divide(relax.op.subtract(x, b_mean), relax.op.sqrt(relax.op.add(b_var, const(eps, dt))))
+    y = emit(bb, relax.op.add(relax.op.multiply(norm, relax.op.reshape(scale, shape)), relax.op.reshape(bias, shape)))
+    outs = [y]
+    for running, batch in ((mean, b_mean), (var, b_var)):
+        flat = relax.op.reshape(batch, [dims[1]])
+        outs.append(emit(bb, relax.op.add(relax.op.multiply(running, const(momentum, dt)),
+                                          relax.op.multiply(flat, const(1 - momentum, dt)))))
+    return relax.Tuple(outs[:max(1, num_outputs(attrs))])
+
+
+@register("MaxPool")
+def max_pool_with_indices(bb, inputs, attrs, params, opset):
+    """2-D MaxPool asked for its Indices output (TVM returns only values): every window gathered with a
+    constant index table from the -inf padded input, max and argmax over it, the argmax mapped back to the
+    flat NCHW (storage_order 0) or NCWH (1) index of the input."""
+    if num_outputs(attrs) < 2:
+        return NotImplemented
+    x = inputs[0]
+    dims = static_shape(x)
+    if dims is None or len(dims) != 4 or _text_attr(attrs, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return NotImplemented
+    n, c, hh, ww = dims
+    kh, kw = attrs["kernel_shape"]
+    sh, sw = attrs.get("strides", (1, 1))
+    dh, dw = attrs.get("dilations", (1, 1))
+    pt, pl, pb, pr = attrs.get("pads", (0, 0, 0, 0))
+    ceil = int(attrs.get("ceil_mode", 0))
+
+    def out_len(size, p0, p1, k, s, d):
+        span = size + p0 + p1 - ((k - 1) * d + 1)
+        return (-(-span // s) if ceil else span // s) + 1
+
+    oh, ow = out_len(hh, pt, pb, kh, sh, dh), out_len(ww, pl, pr, kw, sw, dw)
+    ph = max(hh + pt + pb, (oh - 1) * sh + (kh - 1) * dh + 1)
+    pw = max(ww + pl + pr, (ow - 1) * sw + (kw - 1) * dw + 1)
+    oy, ox, ky, kx = np.meshgrid(np.arange(oh), np.arange(ow), np.arange(kh), np.arange(kw), indexing="ij")
+    py, px = (oy * sh + ky * dh).reshape(oh * ow, kh * kw), (ox * sw + kx * dw).reshape(oh * ow, kh * kw)
+    iy, ix = py - pt, px - pl
+    inside = (iy >= 0) & (iy < hh) & (ix >= 0) & (ix < ww)
+    orig = np.where(inside, (ix * hh + iy) if int(attrs.get("storage_order", 0)) else (iy * ww + ix), 0)
+    dt = dtype_of(x)
+    low = -np.inf if dt.startswith(("float", "bfloat")) else int(np.iinfo(dt).min)
+    padded = emit(bb, relax.op.nn.pad(x, [0, 0, 0, 0, pt, ph - hh - pt, pl, pw - ww - pl], pad_value=low))
+    flat = emit(bb, relax.op.reshape(padded, [n, c, ph * pw]))
+    win = emit(bb, relax.op.take(flat, const((py * pw + px).reshape(-1).astype(np.int64), "int64"), axis=2))
+    win = emit(bb, relax.op.reshape(win, [n, c, oh * ow, kh * kw]))
+    y = emit(bb, relax.op.reshape(relax.op.max(win, axis=[3]), [n, c, oh, ow]))
+    am = cast(bb, emit(bb, relax.op.argmax(win, axis=3)), "int64")  # [n, c, oh*ow]
+    pick = emit(bb, relax.op.add(am, const((np.arange(oh * ow) * kh * kw).astype(np.int64), "int64")))
+    idx = emit(bb, relax.op.take(const(orig.reshape(-1).astype(np.int64), "int64"), pick, axis=0))
+    base = const((np.arange(n * c) * hh * ww).reshape(n, c, 1).astype(np.int64), "int64")
+    z = emit(bb, relax.op.reshape(relax.op.add(idx, base), [n, c, oh, ow]))
+    return relax.Tuple([y, z])

@@ -1,0 +1,110 @@
+"""The int8 dot-product w8a8 kernel (edgecc/schedules/int8_dot.py): AVX-512 VNNI on this host, Arm dotprod
+under qemu, against numpy float64 on shapes that are not multiples of the register tile (1 row, K not a
+multiple of 4, a single partial column tile)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from edgecc.compress.schemes import column_tile
+from edgecc.ir_passes.pipeline import relax_pipeline
+from edgecc.runtime_bridge.params_file import write_params
+from edgecc.schedules.int8_dot import dot_isa, int8_dot_matmul_kernel, pack_k4, supports, unpack_k4
+from edgecc.targets.registry import get_target
+
+HOST = get_target("host")
+DOTPROD = get_target("arm-dotprod")
+
+# (rows, K, N): GEMV, K % 4 != 0, odd rows, N one tile that is not 64 wide, several tiles
+SHAPES = [(1, 576, 192), (5, 7, 48), (13, 130, 128), (1, 3, 16), (6, 64, 64)]
+
+
+def _case(m: int, k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed + m * 1000 + k)
+    codes = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    scale = ((rng.random(n) + 0.5) / 100).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    x[0, 0] = 0.0
+    if m > 2:
+        x[2] = 0.0  # an all-zero row: scale 1, output 0
+    return x, codes, scale
+
+
+def _reference(x, codes, scale):
+    """float64: the row quantization of the generic w8a8 kernel, then exact products."""
+    amax = np.abs(x).max(1)
+    sx = np.where(amax > 0, amax.astype(np.float32) / np.float32(127), np.float32(1)).astype(np.float32)
+    xq = np.clip(np.round(x / sx[:, None]), -127, 127)
+    return (xq @ codes.astype(np.float64)) * sx[:, None].astype(np.float64) * scale[None, :].astype(np.float64)
+
+
+def _module(kernel, m, k, n, tile):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    w = relax.Var("w", relax.TensorType((n // tile, -(-k // 4), tile * 4), "int8"))
+    s = relax.Var("s", relax.TensorType((n // tile, 1, tile), "float32"))
+    with bb.function("main", [x, w, s]):
+        gv = bb.add_func(kernel, "int8_dot_matmul")
+        out = bb.emit(relax.call_tir(gv, [x, w, s], relax.TensorType((m, n), "float32")))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _arrays(x, codes, scale):
+    tile = column_tile(codes.shape[1])
+    return [x, pack_k4(codes, tile), scale.reshape(-1, tile)[:, None, :].copy()]
+
+
+def test_pack_k4_layout():
+    """Element (k, c) sits at [c // T, k // 4, (c % T) * 4 + k % 4]; K padded with zeros; unpack inverts."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-128, 128, (10, 96)).astype(np.int8)
+    packed = pack_k4(codes, 32)
+    assert packed.shape == (3, 3, 128)
+    for k, c in [(0, 0), (9, 95), (5, 33), (3, 64)]:
+        assert packed[c // 32, k // 4, (c % 32) * 4 + k % 4] == codes[k, c]
+    assert not packed[:, 2, :].reshape(3, 32, 4)[:, :, 2:].any()  # rows 10, 11: padding
+    np.testing.assert_array_equal(unpack_k4(packed, 10), codes)
+
+
+def test_isa_choice():
+    assert dot_isa(("avx512f", "avx512bw", "avx512_vnni")) == "avx512_vnni"
+    assert dot_isa(("neon", "dotprod")) == "dotprod"
+    assert dot_isa(("neon",)) is None and dot_isa(("avx2", "fma")) is None
+    assert supports("avx512_vnni", 128, 64) and not supports("avx512_vnni", 40, 40)
+    assert supports("dotprod", 40, 40) and not supports(None, 64, 64)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_vnni_kernel_on_host(m, k, n):
+    if dot_isa(HOST.features) != "avx512_vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x, codes, scale = _case(m, k, n)
+    tile = column_tile(n)
+    mod = _module(int8_dot_matmul_kernel(k, n, tile, "avx512_vnni", rows=m), m, k, n, tile)
+    ex = tvm.compile(mod, target=HOST.tvm(), relax_pipeline=relax_pipeline(HOST))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in _arrays(x, codes, scale)]).numpy()
+    np.testing.assert_allclose(got, _reference(x, codes, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cross
+def test_dotprod_kernel_under_qemu(tmp_path):
+    from edgecc.runtime_bridge.emulated import run_emulated
+
+    if not DOTPROD.sdk_status().can_run:
+        pytest.skip(f"arm-dotprod cannot run here: {DOTPROD.sdk_status().how_it_runs}")
+    for i, (m, k, n) in enumerate(SHAPES):
+        x, codes, scale = _case(m, k, n, seed=7)
+        tile = column_tile(n)
+        mod = _module(int8_dot_matmul_kernel(k, n, tile, "dotprod", rows=m), m, k, n, tile)
+        ex = tvm.compile(mod, target=DOTPROD.tvm(), relax_pipeline=relax_pipeline(DOTPROD))
+        case_dir = tmp_path / f"case{i}"
+        case_dir.mkdir()
+        ex.export_library(str(case_dir / "model.so"), fcompile=tvm.support.cc.cross_compiler(DOTPROD.cross_compiler))
+        write_params(case_dir / "params.bin", [])
+        (got,) = run_emulated(case_dir, DOTPROD, _arrays(x, codes, scale))
+        np.testing.assert_allclose(got, _reference(x, codes, scale), rtol=1e-5, atol=1e-5, err_msg=f"{m}x{k}x{n}")
