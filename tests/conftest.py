@@ -123,3 +123,27 @@ def export_mlp_onnx(path, k: int, hidden: int, n: int, batch: int):
     model.ir_version = 8
     onnx.save(model, str(path))
     return path, {"w1": w1, "b1": b1, "w2t": w2.T.copy(), "b2": b2}
+
+
+def relax_op_names(func) -> list[str]:
+    """Names of the ops called in a Relax function, in post order (for IR before -> after checks)."""
+    from tvm import relax
+
+    names = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and hasattr(e.op, "name"):
+            names.append(e.op.name)
+
+    relax.analysis.post_order_visit(func, visit)
+    return names
+
+
+def pack_low_bits_first(q: np.ndarray, bits: int) -> np.ndarray:
+    """[..., n] small ints -> uint8 [..., n*bits/8], lowest bits first (onnxruntime's MatMulNBits layout)."""
+    per = 8 // bits
+    q = q.reshape(*q.shape[:-1], -1, per).astype(np.uint8)
+    out = np.zeros(q.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= (q[..., i] << (i * bits)).astype(np.uint8)
+    return out

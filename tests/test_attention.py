@@ -24,6 +24,7 @@ from edgecc.ir_passes.pipeline import relax_pipeline  # noqa: E402
 from edgecc.schedules.attention import PREFILL_SCHEDULE_NAME, prefill_attention_kernel  # noqa: E402
 from edgecc.schedules.params import cpu_params  # noqa: E402
 from edgecc.targets.registry import get_target  # noqa: E402
+from conftest import relax_op_names  # noqa: E402
 
 R = relax.op
 HOST = get_target("host")
@@ -154,15 +155,6 @@ def _llama_attention(seq=7, kv_heads=3, group=3, d=16):
     return bb.get()
 
 
-def _ops(func) -> list[str]:
-    names = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and hasattr(e.op, "name"):
-            names.append(e.op.name)
-
-    relax.analysis.post_order_visit(func, visit)
-    return names
 
 
 def _kernel_calls(mod):
@@ -187,11 +179,11 @@ def _run(mod, arrays, spec=HOST, **kw):
 
 def test_gpt_pattern_ir_before_after_and_numerics():
     mod, _ = _gpt_attention()
-    before = _ops(mod["main"])
+    before = relax_op_names(mod["main"])
     assert before.count("relax.matmul") == 2 and "relax.nn.softmax" in before
     fused, n = fuse_attention(mod, HOST)
     assert n == 1
-    after = _ops(fused["main"])
+    after = relax_op_names(fused["main"])
     # the matmuls, softmax, scale, mask add and all four transposes are gone; the reshape stays
     assert [o for o in after if o != "relax.call_tir"] == ["relax.reshape"], after
     (name, call, args), = _kernel_calls(fused)
@@ -208,7 +200,7 @@ def test_gpt_pattern_ir_before_after_and_numerics():
 def test_minilm_padding_mask_pattern():
     mod = _minilm_attention()
     fused, n = fuse_attention(mod, HOST)
-    assert n == 1 and "relax.nn.softmax" not in _ops(fused["main"])
+    assert n == 1 and "relax.nn.softmax" not in relax_op_names(fused["main"])
     (_, _, args), = _kernel_calls(fused)
     assert [a.name for a in args] == ["q", "k", "v", "mask"]
     rng = np.random.default_rng(2)
@@ -223,7 +215,7 @@ def test_llama_grouped_query_pattern():
     mod = _llama_attention()
     fused, n = fuse_attention(mod, HOST)
     assert n == 1
-    after = _ops(fused["main"])
+    after = relax_op_names(fused["main"])
     assert "relax.nn.softmax" not in after and "relax.matmul" not in after, after
     (_, _, args), = _kernel_calls(fused)
     assert len(args) == 3  # -inf triangle recognised as causal
@@ -301,10 +293,10 @@ def test_llm_prefill_graph_is_fused(tmp_path):
     presents = kv.match_prefill_presents(pmod["main"], [t.name for t in psig.outputs],
                                          [t.name for t in dsig.outputs], pairs, 16)
     rewritten, _ = kv.rewrite_prefill(pmod, "main", presents, layout, 16)
-    layers = _ops(rewritten["main"]).count("relax.nn.softmax")
+    layers = relax_op_names(rewritten["main"]).count("relax.nn.softmax")
     assert layers >= 2
     fused, n = fuse_attention(rewritten, HOST)
-    assert n == layers and "relax.nn.softmax" not in _ops(fused["main"])
+    assert n == layers and "relax.nn.softmax" not in relax_op_names(fused["main"])
 
 
 @pytest.mark.cross

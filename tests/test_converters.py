@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
+from conftest import pack_low_bits_first
 
 MS = "com.microsoft"
 
@@ -164,14 +165,6 @@ def test_qlinear_conv_per_channel():
 # ------------------------------------------------------------------------------ com.microsoft ops
 
 
-def _pack_nbits(q: np.ndarray, bits: int) -> np.ndarray:
-    """[..., n] small ints -> uint8 [..., n*bits/8], lowest bits first (onnxruntime's layout)."""
-    per = 8 // bits
-    q = q.reshape(*q.shape[:-1], -1, per).astype(np.uint8)
-    out = np.zeros(q.shape[:-1], np.uint8)
-    for i in range(per):
-        out |= (q[..., i] << (i * bits)).astype(np.uint8)
-    return out
 
 
 @pytest.mark.parametrize("bits,with_zp,k", [(4, True, 64), (4, False, 48), (8, True, 32), (2, True, 64)])
@@ -179,7 +172,7 @@ def test_matmul_nbits(bits, with_zp, k):
     n, block = 16, 16
     k_blocks = (k + block - 1) // block
     q = rng.integers(0, 1 << bits, size=(n, k_blocks * block))
-    b = _pack_nbits(q, bits).reshape(n, k_blocks, block * bits // 8)
+    b = pack_low_bits_first(q, bits).reshape(n, k_blocks, block * bits // 8)
     scales = rng.uniform(0.01, 0.05, size=n * k_blocks).astype(np.float32)
     ins = ["a", "b", "scales"] + (["zp"] if with_zp else [])
     inits = [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "scales")]
@@ -187,7 +180,7 @@ def test_matmul_nbits(bits, with_zp, k):
         zq = rng.integers(0, 1 << bits, size=(n, k_blocks))
         per = 8 // bits
         zq = np.pad(zq, ((0, 0), (0, (-k_blocks) % per)))
-        inits.append(numpy_helper.from_array(_pack_nbits(zq, bits).reshape(-1), "zp"))
+        inits.append(numpy_helper.from_array(pack_low_bits_first(zq, bits).reshape(-1), "zp"))
     node = h.make_node("MatMulNBits", ins, ["y"], domain=MS, K=k, N=n, bits=bits, block_size=block)
     model = _model([node], [_vi("a", T.FLOAT, [3, k])], [_vi("y", T.FLOAT, [3, n])], inits, ms=True)
     _check(model, {"a": rng.standard_normal((3, k)).astype(np.float32)})
@@ -200,7 +193,7 @@ def test_matmul_nbits_artifact(tmp_path):
 
     n, k, block = 8, 32, 32
     q = rng.integers(0, 16, size=(n, k))
-    inits = [numpy_helper.from_array(_pack_nbits(q, 4).reshape(n, 1, 16), "b"),
+    inits = [numpy_helper.from_array(pack_low_bits_first(q, 4).reshape(n, 1, 16), "b"),
              numpy_helper.from_array(rng.uniform(0.01, 0.05, n).astype(np.float32), "scales"),
              numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias")]
     node = h.make_node("MatMulNBits", ["a", "b", "scales", "", "", "bias"], ["y"], domain=MS, K=k, N=n, bits=4,

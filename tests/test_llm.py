@@ -13,6 +13,7 @@ import pytest
 
 from edgecc.errors import EdgeccError
 from edgecc.models import llama
+from conftest import relax_op_names
 
 MAX_CONTEXT = 96
 
@@ -43,17 +44,6 @@ def _imported_decode(path):
     return mod, sig
 
 
-def _ops(func) -> list[str]:
-    from tvm import relax
-
-    names = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and hasattr(e.op, "name"):
-            names.append(e.op.name)
-
-    relax.analysis.post_order_visit(func, visit)
-    return names
 
 
 # ------------------------------------------------------------------------------------------ the pass
@@ -89,8 +79,8 @@ def test_decode_rewrite_ir_before_after(tiny_export):
     names = [t.name for t in sig.inputs]
     before = mod["main"]
     pairs = kv.find_kv_pairs(before, names)
-    assert _ops(before).count("relax.concat") >= len(pairs)
-    assert "relax.call_tir_inplace" not in _ops(before)
+    assert relax_op_names(before).count("relax.concat") >= len(pairs)
+    assert "relax.call_tir_inplace" not in relax_op_names(before)
 
     layout = kv.cache_layout(pairs, MAX_CONTEXT)
     after_mod, kept = kv.rewrite_decode(mod, "main", pairs, layout, 1)
@@ -103,15 +93,15 @@ def test_decode_rewrite_ir_before_after(tiny_export):
     for p in inputs[2:-1]:
         assert [int(d) for d in p.ty.shape.values] == [1, cfg.n_kv_heads, MAX_CONTEXT, cfg.head_dim]
     assert isinstance(inputs[-1].ty, relax.ShapeType)
-    ops = _ops(after)
+    ops = relax_op_names(after)
     assert ops.count("relax.call_tir_inplace") == len(pairs)
-    assert ops.count("relax.concat") == _ops(before).count("relax.concat") - len(pairs)
+    assert ops.count("relax.concat") == relax_op_names(before).count("relax.concat") - len(pairs)
     # The decode attention is fused: one kernel per layer over the caches, no softmax or view copies left.
     kernels = [gv.name_hint for gv, f in after_mod.functions_items() if gv.name_hint != "main"]
     assert "relax.nn.softmax" not in ops and any(k.startswith("decode_attention") for k in kernels)
     assert not any("kv_view" in k and k in str(after) for k in kernels)
     unfused, _ = kv.rewrite_decode(mod, "main", pairs, layout, 1, fuse_attention=False)
-    assert _ops(unfused["main"]).count("relax.nn.softmax") == cfg.n_layers
+    assert relax_op_names(unfused["main"]).count("relax.nn.softmax") == cfg.n_layers
     bound = after.attrs["tir_var_upper_bound"]
     assert {str(k): int(v) for k, v in bound.items()} == {"past_len": MAX_CONTEXT - 1}
     # Outputs: logits, then every cache (aliases of the parameters).

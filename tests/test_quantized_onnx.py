@@ -23,6 +23,7 @@ from edgecc.compress.quantize import quantize_weights
 from edgecc.compress.rtn import quantize_rtn
 from edgecc.compress.schemes import parse_scheme
 from edgecc.ir_passes import compression as C
+from conftest import pack_low_bits_first
 
 pytest.importorskip("onnxruntime")
 MS = "com.microsoft"
@@ -122,13 +123,6 @@ def test_matmul_nbits_quantizer_maps_onto_packed_kernels(bits, symmetric, block)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
-def _pack_low_first(q: np.ndarray, bits: int) -> np.ndarray:
-    per = 8 // bits
-    q = q.reshape(*q.shape[:-1], -1, per).astype(np.uint8)
-    out = np.zeros(q.shape[:-1], np.uint8)
-    for i in range(per):
-        out |= (q[..., i] << (i * bits)).astype(np.uint8)
-    return out
 
 
 @pytest.mark.parametrize("bits,with_zp", [(2, True), (2, False), (4, True), (8, False)])
@@ -140,7 +134,7 @@ def test_hand_built_matmul_nbits_with_bias(bits, with_zp):
     k, n, block = 128, 96, 64
     kb = k // block
     q = rng.integers(0, 1 << bits, size=(n, k))
-    b = _pack_low_first(q, bits).reshape(n, kb, block * bits // 8)
+    b = pack_low_bits_first(q, bits).reshape(n, kb, block * bits // 8)
     inits = [numpy_helper.from_array(b, "b"),
              numpy_helper.from_array(rng.uniform(0.01, 0.05, (n, kb)).astype(np.float32), "scales"),
              numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias")]
@@ -148,7 +142,7 @@ def test_hand_built_matmul_nbits_with_bias(bits, with_zp):
     if with_zp:
         z = rng.integers(0, 1 << bits, size=(n, kb))
         z = np.pad(z, ((0, 0), (0, (-kb) % (8 // bits))))
-        inits.append(numpy_helper.from_array(_pack_low_first(z, bits).reshape(-1), "zp"))
+        inits.append(numpy_helper.from_array(pack_low_bits_first(z, bits).reshape(-1), "zp"))
     node = h.make_node("MatMulNBits", ins, ["y"], domain=MS, K=k, N=n, bits=bits, block_size=block, name="mm")
     graph = h.make_graph([node], "g", [h.make_tensor_value_info("a", T.FLOAT, [2, 3, k])],
                          [h.make_tensor_value_info("y", T.FLOAT, [2, 3, n])], inits)
@@ -170,7 +164,7 @@ def test_matmul_nbits_unmappable_block_keeps_dequantize():
 
     k, n, block = 64, 32, 16
     q = rng.integers(0, 16, size=(n, k))
-    inits = [numpy_helper.from_array(_pack_low_first(q, 4).reshape(n, k // block, 8), "b"),
+    inits = [numpy_helper.from_array(pack_low_bits_first(q, 4).reshape(n, k // block, 8), "b"),
              numpy_helper.from_array(rng.uniform(0.01, 0.05, n * k // block).astype(np.float32), "scales")]
     node = h.make_node("MatMulNBits", ["a", "b", "scales"], ["y"], domain=MS, K=k, N=n, bits=4, block_size=block)
     graph = h.make_graph([node], "g", [h.make_tensor_value_info("a", T.FLOAT, [2, k])],

@@ -31,6 +31,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from edgecc.ir_passes.kv_cache import peel_scalar_scale
 from edgecc.targets.registry import TargetSpec
 
 #: a mask entry at or below this is "masked" when deciding whether a constant mask is causal
@@ -94,6 +95,11 @@ class _Graph:
     def only_use(self, var) -> relax.Var | None:
         uses = self.uses.get(var, [])
         return uses[0] if len(uses) == 1 else None
+
+
+def _scalar_of(expr) -> float | None:
+    arr = _const_array(expr)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def _operands(expr) -> list:
@@ -162,20 +168,10 @@ def match_attention(g: _Graph, var: relax.Var) -> Match | None:
             if not _is(g.only_use(y), x):
                 return None
     # ---- scale
-    scale = 1.0
-    for op_name in ("relax.multiply", "relax.divide"):
-        call = g.call(y, op_name)
-        if call is None:
-            continue
-        a, b = call.args
-        const = _const_array(b)
-        if const is None and op_name == "relax.multiply":
-            const, a = _const_array(a), b
-        if const is None or const.size != 1 or float(const.reshape(-1)[0]) == 0 or not _is(g.only_use(a), y):
-            return None
-        c = float(const.reshape(-1)[0])
-        scale, y = (c if op_name == "relax.multiply" else 1.0 / c), a
-        break
+    peeled = peel_scalar_scale(y, g.call, _scalar_of, keep=lambda a, y=y: _is(g.only_use(a), y))
+    if peeled is None:
+        return None
+    scale, y = peeled
     scores = g.call(y, "relax.matmul")
     if scores is None:
         return None

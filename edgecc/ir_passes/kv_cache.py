@@ -317,6 +317,25 @@ def _result_var(func: relax.Function) -> relax.Var | None:
     return result if isinstance(result, relax.Var) else None
 
 
+def peel_scalar_scale(y, find_call, scalar_of, keep=lambda operand: True) -> tuple[float, object] | None:
+    """Attention's score scaling: (c, a) when `y` is `a * c` / `c * a` / `a / c` (as (1/c, a)) with a nonzero
+    scalar constant c, (1.0, y) when it is neither, None when it is but cannot be used (c not a nonzero
+    scalar, or `keep(a)` refuses). `find_call(expr, op_name)` finds the producing call, `scalar_of` reads
+    a constant's value (both differ between the KV-cache rewrite and the attention fusion)."""
+    for op_name in ("relax.multiply", "relax.divide"):
+        call = find_call(y, op_name)
+        if call is None:
+            continue
+        a, b = call.args
+        c = scalar_of(b)
+        if c is None and op_name == "relax.multiply":
+            c, a = scalar_of(a), b
+        if c is None or c == 0 or not keep(a):
+            return None
+        return (c if op_name == "relax.multiply" else 1.0 / c), a
+    return 1.0, y
+
+
 def _scalar_constant(expr) -> float | None:
     """The value of a scalar (or one-element) constant, else None."""
     data = getattr(expr, "value", None) if not isinstance(expr, relax.Var) else None
@@ -378,21 +397,10 @@ def _rewriter_class():
             softmax = self._call(probs, "relax.nn.softmax")
             if cache_v is None or softmax is None or int(softmax.attrs.axis) not in (-1, 3):
                 return None
-            scaled = softmax.args[0]
-            scale = 1.0
-            for op_name in ("relax.multiply", "relax.divide"):
-                call = self._call(scaled, op_name)
-                if call is None:
-                    continue
-                a, b = call.args
-                const = _scalar_constant(b)
-                if const is None and op_name == "relax.multiply":
-                    const, a = _scalar_constant(a), b
-                if const is None or const == 0:
-                    return None
-                scale = const if op_name == "relax.multiply" else 1.0 / const
-                scaled = a
-                break
+            peeled = peel_scalar_scale(softmax.args[0], self._call, _scalar_constant)
+            if peeled is None:
+                return None
+            scale, scaled = peeled
             scores = self._call(scaled, "relax.matmul")
             if scores is None:
                 return None
