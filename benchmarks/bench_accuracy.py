@@ -88,7 +88,7 @@ def llm_table(args) -> list[dict]:
     from edgecc.models.gguf_tokenizer import TextTokenizer, tokenizer_from_gguf
     from edgecc.models.llama import from_gguf
 
-    torch.set_num_threads(int(os.environ["TVM_NUM_THREADS"]))
+    torch.set_num_threads(args.torch_threads)
     model = from_gguf()
     spec = tokenizer_from_gguf(model.gguf_reader)
     tok = TextTokenizer(spec.tokenizer_json, spec.to_meta())
@@ -209,6 +209,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["onepass", "sequential", "both"], default="onepass",
                     help="GPTQ/AWQ statistics from the float model (onepass) or block by block through the "
                          "already-quantized blocks (sequential, as GPTQ/AutoAWQ)")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads for the LLM part (more threads were up to 20x slower on a "
+                         "loaded 2-core machine: the quantizers run many small ops)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
     result = {}

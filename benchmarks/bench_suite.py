@@ -4,6 +4,7 @@
     python benchmarks/bench_suite.py                                # all rows, 30 timed calls each
     python benchmarks/bench_suite.py --rows gpt-decode --iters 50   # one row
     python benchmarks/bench_suite.py --iters 20 --markdown --json suite.json
+    python benchmarks/bench_suite.py --iters 20 --tuning-db /tmp/tunedb-host        # tuned (`edgecc tune --db`)
 
 Rows (``--rows``, comma list; any `edgecc models list` name also works, a name containing "decode" gets the
 DRAM floor):
@@ -19,6 +20,14 @@ Each row reuses bench_latency.py's machinery: edgecc and onnxruntime each in the
 Rows run one after another; the workers of a row are stopped before the next row starts. The pause defaults
 to 0.2 s, not bench_latency's 0.05 s: with 0.05 s, onnxruntime's workers were still spinning when edgecc's call
 began, and a tiny decode step measured 18.5 ms for edgecc instead of 0.87 ms (0.15 s was already enough).
+
+Schedules: without ``--tuning-db`` the edgecc worker builds with the default schedules only: its
+``EDGECC_TUNING_DIR`` points at an empty directory, so a database in the target's default location
+(``edgecc tune`` without ``--db``) cannot leak into an "untuned" table. With ``--tuning-db DIR`` (a database
+``edgecc tune --db DIR`` wrote for the same target) the worker's ``EDGECC_TUNING_DIR`` holds only a link to DIR
+under the target's database name, so the build applies exactly those records (docs/tuning.md: a record only
+where it beat the default schedule by >= 2%). The table's ``tuned`` column is the artifact manifest's
+``schedules.tuning_db``: kernels scheduled from the database / kernels whose records lost to the default.
 
 DRAM floor (decode rows): memory bandwidth is measured in this (parent) process right before the row, as the
 best of 5 copies of a 256 MiB float64 buffer (``np.copyto`` on slices split over ``--threads`` Python threads;
@@ -85,6 +94,33 @@ def _decode_bytes(onnx_path: Path, feeds: dict) -> dict:
     return out
 
 
+def tuning_dir_env(target: str, tuning_db: str | None, workdir: Path) -> dict:
+    """The worker's EDGECC_TUNING_DIR: empty (default schedules only), or holding a link to `tuning_db`."""
+    from edgecc.schedules.tuning import default_database_dir, has_records
+    from edgecc.targets.registry import get_target
+
+    root = workdir / "tuning"
+    root.mkdir(exist_ok=True)
+    if tuning_db:
+        db = Path(tuning_db).expanduser().resolve()
+        if not has_records(db):
+            raise SystemExit(f"--tuning-db {db}: no tuning records there; run `edgecc tune MODEL --db {db}` first")
+        link = root / default_database_dir(get_target(target)).name
+        if not link.exists():
+            link.symlink_to(db, target_is_directory=True)
+    return {"EDGECC_TUNING_DIR": str(root)}
+
+
+def _tuning_applied(artifact: str | None) -> dict | None:
+    if not artifact:
+        return None
+    try:
+        manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    except OSError:
+        return None
+    return manifest.get("schedules", {}).get("tuning_db")
+
+
 def run_row(key: str, args, threads: int, workdir: Path) -> dict:
     from edgecc.models import registry
 
@@ -115,7 +151,7 @@ def run_row(key: str, args, threads: int, workdir: Path) -> dict:
               flush=True)
 
     ctx = mp.get_context("spawn")
-    env = {"TVM_NUM_THREADS": str(threads)}
+    env = {"TVM_NUM_THREADS": str(threads), **tuning_dir_env(args.target, args.tuning_db, workdir)}
     options = {"target": args.target, "artifact": None, "shapes": {k: list(v.shape) for k, v in feeds.items()}}
     workers = []
     try:
@@ -125,6 +161,7 @@ def run_row(key: str, args, threads: int, workdir: Path) -> dict:
             info = w.wait_ready(args.setup_timeout)
             print(f"   {kind:<12} ready: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "artifact"),
                   flush=True)
+        row["tuning_db"] = _tuning_applied(workers[0].info.get("artifact"))
         outs = {w.kind: w.call("outputs") for w in workers}
         diffs = {}
         for oname, ref in outs["onnxruntime"].items():
@@ -167,8 +204,22 @@ def run_row(key: str, args, threads: int, workdir: Path) -> dict:
     print(f"   edgecc {e:.2f} ms, onnxruntime {o:.2f} ms, ratio {row['ratio']:.2f}x "
           f"(paired {row['ratio_paired']:.2f}x), max|diff| {row['max_abs_diff']:.2g} ({row['worst_output']}), "
           f"load {load_before[0]:.1f} -> {load_after[0]:.1f}"
-          + (f"; floor {row['floor_ms']:.2f} ms" if decode else ""), flush=True)
+          + (f"; floor {row['floor_ms']:.2f} ms" if decode else "") + _tuned_note(row), flush=True)
     return row
+
+
+def _tuned_note(row) -> str:
+    db = row.get("tuning_db")
+    if not db or not db.get("applied"):
+        return "; default schedules"
+    return f"; tuning db {db['database']}: {db['tuned_functions']} kernels tuned, {db['default_faster']} default-faster"
+
+
+def _fmt_tuned(row) -> str:
+    db = row.get("tuning_db")
+    if not db or not db.get("applied"):
+        return "-"
+    return f"{db['tuned_functions']}/{db['default_faster']}"
 
 
 def _fmt_goal(row) -> str:
@@ -180,11 +231,11 @@ def _fmt_goal(row) -> str:
 
 def table_lines(rows: list[dict], markdown: bool) -> list[str]:
     head = ["row", "edgecc ms", "ort ms", "ratio", "paired", "goal", "build s", "max abs diff", "floor ms",
-            "edgecc/floor", "ort/floor", "load"]
+            "edgecc/floor", "ort/floor", "tuned", "load"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["label"], "error", "", "", "", "", "", "", "", "", "", r["error"].splitlines()[0][:60]])
+            body.append([r["label"], "error", "", "", "", "", "", "", "", "", "", "", r["error"].splitlines()[0][:60]])
             continue
         build = f"{r['build_s']:.1f}"
         if r["model"].startswith("minilm"):
@@ -202,6 +253,7 @@ def table_lines(rows: list[dict], markdown: bool) -> list[str]:
             f"{r['floor_ms']:.2f}" if dec else "",
             f"{r['edgecc_over_floor']:.2f}x" if dec else "",
             f"{r['ort_over_floor']:.2f}x" if dec else "",
+            _fmt_tuned(r),
             f"{r['load_avg']['before'][0]:.1f}→{r['load_avg']['after'][0]:.1f}",
         ])
     if markdown:
@@ -222,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS for edgecc (default: usable cores)")
     ap.add_argument("--bw-threads", type=int, default=None, help="threads for the bandwidth copy (default: --threads)")
     ap.add_argument("--target", default="host")
+    ap.add_argument("--tuning-db", metavar="DIR", default=None,
+                    help="apply this `edgecc tune --db DIR` database in the edgecc builds (default: default "
+                         "schedules only, the target's default database is ignored)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--setup-timeout", type=float, default=3600, help="seconds a worker may take to build/load")
     ap.add_argument("--json", help="also write every row (stats, raw times, bandwidth, bytes) to this file")
@@ -234,6 +289,9 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     print(f"machine: {platform.machine()}, {bl._cores()} usable cores, edgecc TVM_NUM_THREADS={threads}, "
           f"onnxruntime default threads; load avg {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    print("edgecc schedules: " + (f"default rules + tuning database {Path(args.tuning_db).expanduser().resolve()} "
+                                  "(records that beat the default by >= 2%)" if args.tuning_db
+                                  else "default rules only (no tuning database)"))
     print(f"rows: {', '.join(keys)}; {args.iters} timed calls each (after {args.warmup} warm-up), alternating, "
           f"{args.pause * 1000:.0f} ms pause")
     rows = []
@@ -249,7 +307,8 @@ def main(argv=None) -> int:
     wall = time.time() - t_start
 
     print(f"\n{args.iters} calls per runtime per row; ratio = edgecc median / onnxruntime median (>1: edgecc "
-          f"slower), paired = median of per-round ratios; load avg (1 min) during the timed loop")
+          f"slower), paired = median of per-round ratios; tuned = kernels scheduled from the tuning database / "
+          f"kernels whose records lost to the default ('-': none applied); load avg (1 min) during the timed loop")
     for line in table_lines(rows, args.markdown):
         print(line)
     for r in rows:

@@ -446,6 +446,9 @@ def models_export(name: str, out_path: Path, prefill_len: int | None = None):
         return
     if name not in MODELS:
         raise EdgeccError(f"unknown model '{name}'", "use one of: " + ", ".join([*MODELS, *LLMS]))
+    if out_path.is_dir():
+        raise EdgeccError(f"-o {out_path} is a directory; {name} is exported as one ONNX file",
+                          f"give a file name, e.g. -o {out_path / (name + '.onnx')}")
     with err.status(f"exporting {name}..."):
         MODELS[name].export(out_path)
     out.print(f"wrote {out_path} ({_fmt_bytes(out_path.stat().st_size)})")

@@ -175,3 +175,10 @@ def test_run_rejects_out_of_range_token_ids(cli, tmp_path):
     np.savez(npz, **feeds)
     _assert_user_error(cli("run", tmp_path / "art", "--inputs", npz, "-o", tmp_path / "y.npz"),
                        f"input '{name}'", "outside the table")
+
+
+def test_models_export_to_a_directory_is_a_one_line_error(cli, tmp_path):
+    result = cli("models", "export", "tiny-cnn", "-o", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "is a directory" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

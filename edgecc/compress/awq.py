@@ -12,9 +12,10 @@ calibration Hessian H = X^T X: ||X W - X W_q||^2 = tr(dW^T H dW), so no activati
 clip search shrinks each group's range (ratios 1 .. 0.5) where that lowers the group's output error.
 
 Where the scale goes: the quantized weight stores diag(s) W (rtn.py's storage, same kernels); the input must
-be divided by s. In a torch Llama, s is folded into the preceding RMSNorm weight (q/k/v share
-`attn_norm`, gate/up share `ffn_norm`) or into up_proj's output rows (for down_proj), as AutoAWQ does; in an
-ONNX build it is kept as an input-side multiply `x * (1/s)` in front of the quantized matmul.
+be divided by s. The build keeps it as an input-side multiply `x * (1/s)` in front of the quantized matmul,
+so every weight gets its own s (AutoAWQ shares one s between q/k/v and between gate/up, to fold it into
+the preceding RMSNorm); the torch Llama of the accuracy benchmark (llama_ptq.py) uses W_q / s, the same
+product.
 """
 
 from __future__ import annotations

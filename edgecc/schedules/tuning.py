@@ -579,22 +579,31 @@ def _run_ms(run_secs) -> float | None:
 
 
 def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] | None = None):
-    """The model as `build_artifact` sees it right before scheduling: imported, weights lifted, legalized+fused."""
+    """The model as `build_artifact` sees it right before scheduling: imported, weights lifted, legalized+fused.
+
+    The stages before FuseTIR must be `relax_pipeline`'s exactly (vendor partitioning, attention fusion on
+    CPU targets): a kernel the build never has (attention's q K^T, softmax, head transposes) is a task whose
+    trials are wasted, and a record is keyed by the fused kernel's structure, so it only applies to a match.
+    """
     import tvm
 
     from edgecc.build import _split_transform_params
     from edgecc.frontend.importer import import_model
     from edgecc.frontend.loader import load_model
     from edgecc.frontend.signature import bind_dims, read_signature
+    from edgecc.ir_passes.fuse_attention import fuse_attention_pass
     from edgecc.ir_passes.pipeline import legalize_and_fuse_passes
+    from edgecc.targets.byoc import byoc_passes
 
     model = load_model(onnx_path)
     signature = bind_dims(read_signature(model), dims or {})
     imported = import_model(model, signature)
     del model
     deploy_mod, _transform = _split_transform_params(imported.mod)
+    fused = [fuse_attention_pass(spec)] if spec.device == "cpu" else []
+    stages = byoc_passes(spec) + fused + legalize_and_fuse_passes()
     with spec.tvm():
-        return tvm.transform.Sequential(legalize_and_fuse_passes())(deploy_mod)
+        return tvm.transform.Sequential(stages)(deploy_mod)
 
 
 def extract_tuning_tasks(fused_mod, spec: TargetSpec) -> list:
