@@ -125,6 +125,11 @@ def _export_library(executable, path: Path, spec: TargetSpec) -> None:
 
     if spec.cross_compiler:
         fcompile = tvm.support.cc.cross_compiler(spec.cross_compiler)
+        triple = (spec.tvm_target or {}).get("mtriple")
+        if triple:
+            # TVM asks the *host* gcc for the triple (x86_64) when it packs the constants of a module with no
+            # LLVM code of its own (devc.o); the target's triple makes that object link for the target
+            fcompile.get_target_triple = lambda: triple
         executable.export_library(str(path), fcompile=fcompile)
     else:
         executable.export_library(str(path))

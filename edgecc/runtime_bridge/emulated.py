@@ -158,7 +158,7 @@ def run_emulated(artifact_dir: str | Path, spec: TargetSpec, inputs: list[np.nda
             if str(arr.dtype) not in SUPPORTED_INPUT_DTYPES:
                 raise EdgeccError(f"input {i} has dtype {arr.dtype}, which the emulated runner cannot pass",
                                   "give " + ", ".join(sorted(SUPPORTED_INPUT_DTYPES)))
-            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+            arr = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")  # keeps 0-d inputs 0-d
             path = tmp / f"in{i}.npy"
             np.save(path, arr, allow_pickle=False)
             input_paths.append(str(path))
