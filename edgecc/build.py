@@ -124,12 +124,15 @@ def _export_library(executable, path: Path, spec: TargetSpec) -> None:
     import tvm
 
     if spec.cross_compiler:
-        fcompile = tvm.support.cc.cross_compiler(spec.cross_compiler)
-        triple = (spec.tvm_target or {}).get("mtriple")
-        if triple:
-            # TVM asks the *host* gcc for the triple (x86_64) when it packs the constants of a module with no
-            # LLVM code of its own (devc.o); the target's triple makes that object link for the target
-            fcompile.get_target_triple = lambda: triple
+        cross = tvm.support.cc.cross_compiler(spec.cross_compiler)
+
+        # Without `get_target_triple` TVM writes the constants of a module with no LLVM code of its own as C
+        # (devc.c) and compiles it with the cross compiler. With it, it asked the *host* gcc (x86_64) and
+        # built devc.o for the host; a target triple alone would still miss the float ABI (riscv64 lp64d).
+        def fcompile(outputs, objects, options=None):
+            return cross(outputs, objects, options)
+
+        fcompile.output_format = getattr(cross, "output_format", "so")
         executable.export_library(str(path), fcompile=fcompile)
     else:
         executable.export_library(str(path))

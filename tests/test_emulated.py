@@ -194,3 +194,25 @@ def test_library_for_another_arch_is_rejected(tmp_path):
     _fake_elf(tmp_path / "model.so", cross_runtime.ELF_MACHINES["x86_64"])
     with pytest.raises(EdgeccError, match="built for x86_64, not aarch64"):
         run_emulated(tmp_path, get_target("arm-neon"), [])
+
+
+@pytest.mark.parametrize("target", CROSS_TARGETS)
+def test_model_without_kernels_links_for_the_target(target, tmp_path):
+    """A graph with no kernel of its own (BitCast is a view): TVM packs its constants into an object that used
+    to be built for the host (x86_64) and failed to link; it must link and run for the target."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgecc.build import build_artifact
+
+    spec = get_target(target)
+    _require_cross(spec)
+    node = helper.make_node("BitCast", ["x"], ["y"], to=TensorProto.INT32)
+    graph = helper.make_graph([node], "bitcast", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 3])])
+    path = tmp_path / "bitcast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)]), str(path))
+    build_artifact(path, tmp_path / "art", target=target)
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    (got,) = run_emulated(tmp_path / "art", spec, [x])
+    np.testing.assert_array_equal(got, x.view(np.int32))

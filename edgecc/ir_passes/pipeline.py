@@ -99,9 +99,9 @@ def relax_pipeline(spec: TargetSpec, with_schedules: bool = True, tuning_db=None
     target = spec.tvm()
     from edgecc.targets.byoc import byoc_passes  # vendor targets: partition to the vendor codegen first
 
-    from edgecc.ir_passes.fuse_attention import fuse_attention_pass  # attention -> one kernel (CPU schedules)
+    from edgecc.ir_passes import fuse_attention  # attention -> one kernel (CPU schedules)
 
-    fused = [fuse_attention_pass(spec)] if with_schedules and spec.device == "cpu" else []
+    fused = [fuse_attention.fuse_attention_pass(spec)] if with_schedules and fuse_attention.applies_to(spec) else []
     stages = byoc_passes(spec) + fused + legalize_and_fuse_passes()
     if with_schedules:
         stages += tuning_passes(spec, tuning_db)

@@ -591,7 +591,7 @@ def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] |
     from edgecc.frontend.importer import import_model
     from edgecc.frontend.loader import load_model
     from edgecc.frontend.signature import bind_dims, read_signature
-    from edgecc.ir_passes.fuse_attention import fuse_attention_pass
+    from edgecc.ir_passes.fuse_attention import applies_to, fuse_attention_pass
     from edgecc.ir_passes.pipeline import legalize_and_fuse_passes
     from edgecc.targets.byoc import byoc_passes
 
@@ -600,7 +600,7 @@ def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] |
     imported = import_model(model, signature)
     del model
     deploy_mod, _transform = _split_transform_params(imported.mod)
-    fused = [fuse_attention_pass(spec)] if spec.device == "cpu" else []
+    fused = [fuse_attention_pass(spec)] if applies_to(spec) else []
     stages = byoc_passes(spec) + fused + legalize_and_fuse_passes()
     with spec.tvm():
         return tvm.transform.Sequential(stages)(deploy_mod)
