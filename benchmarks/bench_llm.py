@@ -8,6 +8,8 @@ Runtimes (each in its own worker process, driven in strict alternation with a pa
 
 * ``edgecc-fp32``  : `edgecc build <export> --max-context 1152` (prefill 128 + decode, in-place KV cache)
 * ``edgecc-w4``    : the same with ``--quantize w4g32-asym`` (llama.cpp's Q4_1 layout: 4-bit, groups of 32, asym)
+* ``edgecc-w4a8``  : ``--quantize w4g32a8-asym``: the same weights, activations on an int8 grid per group of 32 so
+  decode GEMVs run on int8 dot products (llama.cpp's Q4_1 x Q8_1; onnxruntime's accuracy level 4)
 * ``ort-fp32``     : onnxruntime on the same prefill/decode ONNX (KV grown by Concat, as exported)
 * ``ort-int4-acc0``/``ort-int4-acc4``: onnxruntime on the graphs quantized by its MatMulNBitsQuantizer
   (4-bit, block 32, asym; accuracy level 0 = fp32 compute, 4 = int8 compute)
@@ -211,13 +213,15 @@ def prepare(workdir: Path, runtimes: list[str], max_context: int) -> dict[str, s
               "--prefill-len", str(PREFILL)])
     paths = {}
     for kind in runtimes:
-        if kind == "edgecc-fp32" or kind == "edgecc-w4":
+        if kind in ("edgecc-fp32", "edgecc-w4", "edgecc-w4a8"):
             art = workdir / kind
             if not (art / "manifest.json").exists():
                 cmd = [sys.executable, "-m", "edgecc", "build", str(export), "--max-context", str(max_context),
                        "-o", str(art), "--force"]
                 if kind == "edgecc-w4":
                     cmd += ["--quantize", "w4g32-asym"]
+                elif kind == "edgecc-w4a8":
+                    cmd += ["--quantize", "w4g32a8-asym"]
                 _run(cmd)
             paths[kind] = str(art)
         elif kind == "ort-fp32":
@@ -268,7 +272,7 @@ def streamed_bytes(kind: str, path: str, export_dir: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--runtimes", default="edgecc-fp32,edgecc-w4,ort-fp32,ort-int4-acc0,ort-int4-acc4,llama.cpp")
+    ap.add_argument("--runtimes", default="edgecc-fp32,edgecc-w4,edgecc-w4a8,ort-fp32,ort-int4-acc0,ort-int4-acc4,llama.cpp")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per round and context")
     ap.add_argument("--contexts", default="128,1024")

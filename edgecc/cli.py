@@ -117,8 +117,8 @@ class _StageProgress:
 @click.option("--db", "tuning_db", default=None, type=click.Path(path_type=Path),
               help="Tuning database from `edgecc tune --db` (default: the target's own database, if tuned).")
 @click.option("--quantize", "quantize", default=None, metavar="SCHEME|RECIPE",
-              help="Quantize matmul weights: a scheme (w8, w8a8, w4g32, w4g128-asym, w3g64) or a recipe file "
-                   "(docs/compression.md).")
+              help="Quantize matmul weights: a scheme (w8, w8a8, w4g32, w4g128-asym, w4g32a8 = w4g32 with int8 "
+                   "activations, w3g64) or a recipe file (docs/compression.md).")
 @click.option("--method", "method", default=None, type=click.Choice(["rtn", "gptq", "awq", "smoothquant"]),
               help="How --quantize picks the codes (default rtn; gptq/awq/smoothquant need --calib or --calib-text).")
 @click.option("--calib", "calib", default=None, type=click.Path(path_type=Path),

@@ -49,7 +49,7 @@ class _TuneProgress:
         if self.budget is not None:
             left = max(0.0, self.budget - event.elapsed_s)
             info = (info + "  " if info else "") + f"{left:.0f} s left"
-        if event.phase in ("prepare", "baseline"):
+        if event.phase in ("prepare", "baseline", "confirm"):
             self.progress.update(self.task_id, description=event.message, info=info)
         else:
             self.progress.update(self.task_id, description="tuning" if event.phase == "tune" else "done",
@@ -60,7 +60,8 @@ class _TuneProgress:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-t", "--target", default="host", show_default=True, help="Target name (see `edgecc targets`).")
 @click.option("--trials", type=int, default=64, show_default=True,
-              help="Candidates to measure in this run, all tasks together.")
+              help="Candidates to measure in this run, all tasks together (0: no search, only re-time the "
+                   "database's best records against the default schedules).")
 @click.option("--time-budget", "time_budget", type=float, default=None, metavar="SECONDS",
               help="Stop before this much wall-clock time has passed (whatever --trials says).")
 @click.option("--db", "db", type=click.Path(path_type=Path), default=None,
@@ -93,11 +94,16 @@ def tune(model: Path, target: str, trials: int, time_budget: float | None, db: P
         report = tune_model(model, target=target, trials=trials, time_budget_s=time_budget, database_dir=db,
                             dims=bindings, rpc=rpc, rpc_key=key, progress=progress)
     table = Table(title=f"{model.name} on {target} ({report.runner})")
-    for col in ("task", "calls", "trials", "errors", "default (ms)", "best before (ms)", "best now (ms)"):
+    for col in ("task", "calls", "trials", "errors", "default (ms)", "best before (ms)", "best now (ms)",
+                "paired: default / tuned (ms)", "applied"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for t in report.tasks:
+        paired = (f"{_ms(t.confirm_default_ms)} / {_ms(t.confirm_tuned_ms)}"
+                  if t.confirm_default_ms is not None else "-")
+        applied = {True: "tuned", False: "default"}.get(t.confirmed, "tuned" if t.name in report.beats_default
+                                                        else "-")
         table.add_row(t.name, str(t.weight), str(t.trials), str(t.errors), _ms(t.default_ms),
-                      _ms(t.best_ms_before), _ms(t.best_ms))
+                      _ms(t.best_ms_before), _ms(t.best_ms), paired, applied)
     out.print(table)
     for t in report.tasks:
         if t.skipped:
@@ -105,5 +111,6 @@ def tune(model: Path, target: str, trials: int, time_budget: float | None, db: P
     out.print(f"tuned {len(report.tasks)} task(s): {report.trials_done} trial(s) in {report.wall_s:.1f} s "
               f"(stopped by {report.stopped_by}); database {report.database_dir} "
               f"now holds {report.records_after} record(s) ({report.records_after - report.records_before} new)")
-    out.print(f"{len(report.beats_default)} of {len(report.tasks)} kernel(s) beat edgecc's default schedule: "
+    out.print(f"{len(report.beats_default)} of {len(report.tasks)} kernel(s) beat edgecc's default schedule when "
+              "re-timed side by side with it: "
               f"builds for {target} apply those records and keep the default schedules elsewhere")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # tests run in parallel workers; 
 # Builds pick up the target's tuning database automatically; tests must not depend on what a developer
 # tuned on this machine, so they get an empty one (tuning tests set their own).
 os.environ["EDGECC_TUNING_DIR"] = tempfile.mkdtemp(prefix="edgecc-test-tuning-")
+atexit.register(shutil.rmtree, os.environ["EDGECC_TUNING_DIR"], True)
 
 
 def export_two_heads(path: Path, seed: int = 0) -> Path:

@@ -404,9 +404,11 @@ def test_cli_build_quantize_and_inspect(cli, tmp_path):
         assert r.exit_code == 2 and message in r.output and "load" not in r.output, r.output
 
 
-@pytest.mark.parametrize("target,scheme", [("arm-neon", "w4g32"), ("arm-neon", "w8a8"), ("arm-dotprod", "w8a8")])
+@pytest.mark.parametrize("target,scheme", [("arm-neon", "w4g32"), ("arm-neon", "w8a8"), ("arm-dotprod", "w8a8"),
+                                           ("arm-i8mm", "w8a8")])
 def test_arm_neon_build_quantized(tmp_path, target, scheme):
-    """Cross builds under qemu; w8a8 takes the generic kernel on plain NEON and the sdot kernel with dotprod."""
+    """Cross builds under qemu; w8a8 takes the generic kernel on plain NEON, the sdot kernel with dotprod and
+    the smmla kernel with i8mm."""
     from edgecc.build import build_artifact
     from edgecc.targets.registry import get_target
 
@@ -419,6 +421,11 @@ def test_arm_neon_build_quantized(tmp_path, target, scheme):
     result = build_artifact(onnx_path, out, target=target, quantize=scheme)
     assert len(result.manifest["compression"]["annotated_ops"]) == 2
     assert (out / "model.so").read_bytes()[:4] == b"\x7fELF"
+    if target == "arm-i8mm":
+        import subprocess
+
+        asm = subprocess.run([*spec.objdump, str(out / "model.so")], capture_output=True, text=True).stdout
+        assert "smmla\t" in asm
     if not status.can_run:
         pytest.skip("built; no qemu-aarch64 runtime to run it")
     from edgecc.runtime_bridge.emulated import run_emulated

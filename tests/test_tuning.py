@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgecc.errors import EdgeccError
+from edgecc.schedules.tuning import APPLY_MARGIN, CONFIRM_PLAUSIBLE, CONFIRM_ROUNDS
 
 TRIALS = 8
 
@@ -52,6 +53,20 @@ def tuned_db(matmul_relu, tmp_path_factory):
 
 def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((64, 64)).astype(np.float32)}
+
+
+def _best_record_hash(db: Path, model: Path) -> str:
+    """Structural hash of the schedule a build would replay from `db` for the model's one tuned kernel."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgecc.targets.registry import get_target
+
+    database = ms.database.JSONDatabase(work_dir=str(db), allow_missing=False)
+    [workload] = {str(tvm_ffi.structural_hash(r.workload.mod)): r.workload
+                  for r in database.get_all_tuning_records()}.values()
+    sch = database.query_schedule(workload.mod, get_target("host").tvm(), "main")
+    return str(tvm_ffi.structural_hash(sch.mod))
 
 
 def _onnxruntime(model: Path, feeds) -> np.ndarray:
@@ -128,17 +143,43 @@ def test_tune_writes_records_and_build_applies_them(tuned_db, matmul_relu, tmp_p
     assert default_ms is not None and default_ms > 0
     baselines = json.loads((db / "edgecc_baselines.json").read_text())
     assert [b["task"] for b in baselines.values()] == [task.name]
+    [baseline] = baselines.values()
+    # A plausible winner was re-timed side by side with the default; the verdict is stored with both hashes.
+    plausible = task.best_ms < default_ms * CONFIRM_PLAUSIBLE
+    assert ("confirmed" in baseline) == plausible
+    if plausible:
+        conf = baseline["confirmed"]
+        assert conf["rounds"] == CONFIRM_ROUNDS and conf["default_hash"] == baseline["default_hash"]
+        assert conf["applies"] == (conf["tuned_ms"] < conf["default_ms"] * APPLY_MARGIN) == task.confirmed
+    beats = bool(task.confirmed)
+    assert report.beats_default == ([task.name] if beats else [])
 
-    # The build applies a record only where it beats the default schedule ...
+    # The build applies a record only where the paired re-timing found it faster than the default ...
     feeds = _feeds()
     expected = _onnxruntime(matmul_relu, feeds)
     result = build_artifact(matmul_relu, tmp_path / "guarded", target="host", tuning_db=db)
     tuning = result.manifest["schedules"]["tuning_db"]
     assert tuning["applied"] and tuning["database"] == db.name and len(tuning["records_sha256"]) == 64
-    beats = task.best_ms < default_ms * 0.98
     assert (tuning["tuned_functions"], tuning["default_faster"]) == ((1, 0) if beats else (0, 1))
     assert str(tmp_path) not in json.dumps(result.manifest)
     np.testing.assert_allclose(load_artifact(tmp_path / "guarded").run(feeds)["y"], expected, atol=1e-4, rtol=0)
+
+    # ... flipping the stored verdict flips what the build does (the build re-times nothing itself) ...
+    flipped = tmp_path / "flipped-db"
+    shutil.copytree(db, flipped)
+    key = next(iter(baselines))
+    if plausible:
+        baselines[key]["confirmed"]["applies"] = not beats
+    else:  # fabricate a confirmation for the best record: only its schedule hash ties it to the record
+        baselines[key]["confirmed"] = {"applies": True, "tuned_hash": _best_record_hash(db, matmul_relu),
+                                       "default_hash": baseline["default_hash"], "default_ms": 1.0,
+                                       "tuned_ms": 0.5, "rounds": CONFIRM_ROUNDS}
+    (flipped / "edgecc_baselines.json").write_text(json.dumps(baselines))
+    result = build_artifact(matmul_relu, tmp_path / "flipped", target="host", tuning_db=flipped)
+    want = (0, 1) if (plausible and beats) else (1, 0)
+    flipped_tuning = result.manifest["schedules"]["tuning_db"]
+    assert (flipped_tuning["tuned_functions"], flipped_tuning["default_faster"]) == want
+    np.testing.assert_allclose(load_artifact(tmp_path / "flipped").run(feeds)["y"], expected, atol=1e-4, rtol=0)
 
     # ... and without baselines (a plain MetaSchedule database) it applies the best record as it is.
     plain = tmp_path / "plain-db"
@@ -164,6 +205,30 @@ def test_tune_writes_records_and_build_applies_them(tuned_db, matmul_relu, tmp_p
     monkeypatch.delenv("EDGECC_TUNING_DIR", raising=False)
     result = build_artifact(matmul_relu, tmp_path / "untuned", target="host")
     assert result.manifest["schedules"]["tuning_db"]["applied"] is False
+
+
+def test_zero_trials_only_confirms_the_best_records(tuned_db, matmul_relu, tmp_path):
+    """`--trials 0`: no search, no new record; a best record that lost its verdict is re-timed against the
+    default schedule and gets one again."""
+    from edgecc.schedules.tuning import tune_model
+
+    db, report, _events = tuned_db
+    [task] = report.tasks
+    again = tmp_path / "db"
+    shutil.copytree(db, again)
+    baselines = json.loads((again / "edgecc_baselines.json").read_text())
+    for b in baselines.values():
+        b.pop("confirmed", None)
+    (again / "edgecc_baselines.json").write_text(json.dumps(baselines))
+    before = _records(again)
+    confirm = tune_model(matmul_relu, "host", trials=0, database_dir=again)
+    assert confirm.trials_done == 0 and _records(again) == before
+    [entry] = json.loads((again / "edgecc_baselines.json").read_text()).values()
+    plausible = task.best_ms < entry["default_ms"] * CONFIRM_PLAUSIBLE
+    assert ("confirmed" in entry) == plausible
+    if plausible:
+        assert confirm.tasks[0].confirmed == entry["confirmed"]["applies"]
+        assert confirm.tasks[0].confirm_default_ms == entry["confirmed"]["default_ms"] > 0
 
 
 def test_resume_through_the_cli_adds_trials_and_keeps_records(tuned_db, matmul_relu, cli, tmp_path):

@@ -213,7 +213,7 @@ def quantize_one(arr: np.ndarray, scheme, method: str, stats) -> tuple[Quantized
     if method == "awq":
         from edgecc.compress.awq import quantize_awq
 
-        qt, s = quantize_awq(arr, stats.hessian, stats.absmean, scheme)
+        qt, s = quantize_awq(arr, stats.hessian, stats.absmean, scheme, sink_hessian=stats.sink_hessian)
         return qt, (None if np.all(s == 1.0) else s), "awq"
     if method == "smoothquant":
         if not scheme.act_bits:
@@ -227,7 +227,7 @@ def quantize_one(arr: np.ndarray, scheme, method: str, stats) -> tuple[Quantized
 
 def _content_key(scheme, mat: np.ndarray) -> tuple:
     """Identity of a quantized tensor: storage scheme + the exact float values it was made from."""
-    storage = (scheme.bits, scheme.group_size, scheme.symmetric, scheme.act_bits)  # a8: another layout
+    storage = (scheme.bits, scheme.group_size, scheme.symmetric, scheme.dot_layout)  # w8a8: another layout
     return storage, mat.shape, hashlib.sha1(np.ascontiguousarray(mat).view(np.uint8)).hexdigest()
 
 

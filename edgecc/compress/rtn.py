@@ -99,7 +99,7 @@ class QuantizedTensor:
         from edgecc.compress.schemes import column_tile, tile_columns
 
         t = column_tile(self.shape[1])
-        if self.scheme.act_bits:  # w8a8: the int8 dot-product layout
+        if self.scheme.dot_layout:  # w8a8: the int8 dot-product layout
             from edgecc.schedules.int8_dot import pack_k4
 
             weight = pack_k4(self.weight, t)

@@ -6,6 +6,9 @@ Grammar (case-insensitive)::
 
     w8          int8 weights, one scale per output channel, symmetric
     w8a8        w8, plus activations quantized to int8 per token (row) at run time
+    w4g32a8     w4g32, plus activations quantized to int8 per token and per group of 32 at run time, so a
+                decode GEMV runs on int8 dot products (like llama.cpp's Q4 x Q8 and onnxruntime's
+                MatMulNBits accuracy level 4); the weights are stored exactly as for w4g32
     w4g32       4-bit weights, one scale per 32 consecutive input features per output channel, symmetric
     w4g128-asym 4-bit, groups of 128, a scale and an integer zero point per group
     w3g64       3-bit, groups of 64
@@ -55,8 +58,10 @@ class QuantScheme:
                               "use g32, g64, g128, ... or no group (per output channel)")
         if self.act_bits not in (0, 8):
             raise EdgeccError(f"activation bits {self.act_bits} not supported", "only a8 (int8 per token)")
-        if self.act_bits and (self.bits != 8 or not self.symmetric or self.group_size != PER_CHANNEL):
-            raise EdgeccError("int8 activations need int8 symmetric per-channel weights", "use w8a8")
+        if self.act_bits and not (self.bits == 8 and self.symmetric and self.group_size == PER_CHANNEL) \
+                and not (self.bits == 4 and self.group_size != PER_CHANNEL):
+            raise EdgeccError("int8 activations need int8 symmetric per-channel weights or 4-bit groups",
+                              "use w8a8, or w4g32a8 / w4g32a8-asym")
 
     # -- naming -------------------------------------------------------------------------------------
 
@@ -87,6 +92,12 @@ class QuantScheme:
     def codes_per_word(self) -> float:
         """Codes per storage element (10.67 for 3-bit: codes straddle words)."""
         return 1.0 if self.bits == 8 else 32 / self.bits
+
+    @property
+    def dot_layout(self) -> bool:
+        """w8a8 stores its codes in the int8 dot-product layout (`int8_dot.pack_k4`); 4-bit a8 schemes keep
+        the ordinary 4-bit words, which the int4 dot kernel (`edgecc.schedules.int4_dot`) reads directly."""
+        return self.act_bits == 8 and self.bits == 8
 
     @property
     def zero_offset(self) -> int:
@@ -126,7 +137,7 @@ class QuantScheme:
         t = column_tile(out_features)
         out = {name: ((shape[1] // t, shape[0], t), dt)
                for name, (shape, dt) in self.storage_shapes(in_features, out_features).items()}
-        if self.act_bits:  # w8a8: 4 consecutive k of a column side by side (edgecc.schedules.int8_dot.pack_k4)
+        if self.dot_layout:  # w8a8: 4 consecutive k of a column side by side (edgecc.schedules.int8_dot.pack_k4)
             out["weight"] = ((out_features // t, -(-in_features // 4), t * 4), "int8")
         return out
 

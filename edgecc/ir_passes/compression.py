@@ -21,8 +21,9 @@ Carrier (see docs/compression.md for the full design):
   dequantizes only the gathered rows.
 * `edgecc.quantized_conv2d(x, qweight, scales[, zeros])` is an NCHW, groups-1 conv2d whose [O, C, kh, kw]
   weight is stored as the [K = C*kh*kw, N = O] right operand of its im2col matmul; the call's attrs add the
-  geometry (`strides`, `padding`, `dilation`, `kernel`). Legalized to an im2col kernel + the quantized
-  matmul kernel, so convolutions get every scheme and kernel the matmuls have.
+  geometry (`strides`, `padding`, `dilation`, `kernel`). Legalized to one direct (implicit-GEMM) NCHW conv
+  kernel that decodes the packed weight itself (`edgecc.schedules.quantized_conv`; w8a8 adds a kernel that
+  puts the input on its int8 grid first).
 * Other kinds (sparse, low rank) are further ops of the same family with the same attribute convention:
   a `kind` key, the kind's parameters, `in_features`/`out_features`/`name`/`orig_bytes`/`packed_bytes`.
   `annotated_ops` and `annotated_kernels` list any op in `COMPRESSED_OPS` / any PrimFunc with the attr.
@@ -174,46 +175,47 @@ def _infer_conv_type(call: relax.Call, _ctx=None):
     return relax.TensorType([n, int(call.attrs["out_features"]), oh, ow], x.dtype)
 
 
-def im2col_primfunc(n: int, c: int, h: int, w: int, attrs: dict, dtype: str = "float32") -> tirx.PrimFunc:
-    """x [N, C, H, W] -> cols [N*OH*OW, C*kh*kw] (zero padding), the rows the quantized matmul multiplies."""
-    from tvm import te
-
-    (sh, sw), (dh, dw), (kh, kw) = attrs["strides"], attrs["dilation"], attrs["kernel"]
-    pt, pl, _, _ = attrs["padding"]
-    oh, ow = _conv_out_hw(h, w, attrs)
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - Relax's TIR shapes are int64 (FuseTIR compares them)
-    x = te.placeholder((i64(n), i64(c), i64(h), i64(w)), dtype, name="x")
-
-    def col(r, k):
-        b, pix = r // (oh * ow), r % (oh * ow)
-        ci, rest = k // (kh * kw), k % (kh * kw)
-        y = pix // ow * sh + rest // kw * dh - pt
-        xx = pix % ow * sw + rest % kw * dw - pl
-        inside = tirx.all(y >= 0, y < h, xx >= 0, xx < w)
-        return tirx.if_then_else(inside, x[b, ci, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)],
-                                 tirx.const(0, dtype))
-
-    cols = te.compute((i64(n * oh * ow), i64(c * kh * kw)), col, name="im2col")
-    return te.create_prim_func([x, cols]).without_attr("global_symbol")
-
-
 def _legalize_conv(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    from edgecc.schedules.quantized_conv import (SCHEDULE_NAME, act_quant_primfunc, quantized_conv2d_primfunc,
+                                                 use_matmul_form, weight_decode_primfunc)
+
     attrs = attrs_dict(call.attrs)
+    scheme = QuantScheme.from_attrs(attrs)
     x = call.args[0]
     n, c, h, w = (int(d) for d in x.ty.shape.values)
     oh, ow = _conv_out_hw(h, w, attrs)
-    o, k = int(attrs["out_features"]), int(attrs["in_features"])
+    o = int(attrs["out_features"])
     dtype = str(x.ty.dtype)
-    gv = bb.add_func(im2col_primfunc(n, c, h, w, attrs, dtype), f"im2col_{c}x{h}x{w}_k{k}")
-    cols = bb.normalize(relax.call_tir(gv, [x], relax.TensorType([n * oh * ow, k], dtype)))
-    mm_attrs = {key: val for key, val in attrs.items() if key not in CONV_KEYS}
-    y = bb.normalize(_legalize(bb, quantized_matmul(cols, *call.args[1:3], call.args[3] if len(call.args) > 3
-                                                     else None, mm_attrs)))
-    y = bb.normalize(relax.op.reshape(y, [n, oh, ow, o]))
-    return relax.op.permute_dims(y, [0, 3, 1, 2])
+    target = tvm.target.Target.current(allow_none=True)
+    if scheme.act_bits == 8:  # the input on its int8 grid first (edgecc.schedules.quantized_conv docstring)
+        gq = bb.add_func(act_quant_primfunc(n, c * h * w, target, dtype), f"qconv_act_quant_{n}x{c * h * w}")
+        flat = bb.normalize(relax.op.reshape(x, [n, c * h * w]))
+        xq = bb.normalize(relax.call_tir(gq, [flat], relax.TensorType([n, c * h * w], dtype)))
+        x = bb.normalize(relax.op.reshape(xq, [n, c, h, w]))
+    kernel_attrs = {key: val for key, val in attrs.items() if key not in LAYER_KEYS}
+    (sh, sw), (kh, kw) = attrs["strides"], attrs["kernel"]
+    tag = f"{scheme.name.replace('-', '_')}_{c}x{h}x{w}_{o}x{kh}x{kw}_s{sh}x{sw}"
+    if use_matmul_form(attrs, oh * ow, target) and dtype == "float32":
+        # 1x1 conv as a matmul on the decoded weight: y[n] = W[O, C] @ x[n][C, H*W] (see use_matmul_form)
+        k = int(attrs["in_features"])
+        dec = weight_decode_primfunc(k, o, scheme, target).with_attr(KERNEL_ATTR, kernel_attrs)
+        dec = dec.with_attr("op_pattern", OP_PATTERN_OPAQUE)
+        if "tirx.is_scheduled" in dec.attrs:
+            dec = dec.with_attr("edgecc.schedule", SCHEDULE_NAME)
+        gd = bb.add_func(dec, f"qconv2d_decode_{tag}")
+        wf = bb.normalize(relax.call_tir(gd, list(call.args[1:]), relax.TensorType([o, k], "float32")))
+        flat = bb.normalize(relax.op.reshape(x, [n, c, h * w]))
+        y = bb.normalize(relax.op.matmul(wf, flat))
+        return relax.op.reshape(y, [n, o, oh, ow])
+    func, scheduled = quantized_conv2d_primfunc(n, c, h, w, o, attrs, scheme, target, dtype)
+    func = func.with_attr(KERNEL_ATTR, kernel_attrs).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    if scheduled:
+        func = func.with_attr("tirx.is_scheduled", True).with_attr("edgecc.schedule", SCHEDULE_NAME)
+    gv = bb.add_func(func, f"qconv2d_{tag}")
+    return relax.call_tir(gv, [x, *call.args[1:]], relax.TensorType([n, o, oh, ow], dtype))
 
 
-#: call attrs of a quantized conv that describe the convolution (not the matmul it becomes)
+#: call attrs of a quantized conv that describe the convolution (the rest is the annotation of its weight)
 CONV_KEYS = ("strides", "padding", "dilation", "kernel")
 
 
@@ -239,7 +241,7 @@ def register_ops() -> None:
               ("x", "activations [..., in_features]"), _infer_type, _legalize)
     _register(QUANT_GATHER, "rows of a quantized, packed embedding table",
               ("indices", "row indices, any shape"), _infer_gather_type, _legalize_gather)
-    _register(QUANT_CONV2D, "NCHW conv2d with a quantized, packed [C*kh*kw, O] weight (im2col + quantized matmul)",
+    _register(QUANT_CONV2D, "NCHW conv2d with a quantized, packed [C*kh*kw, O] weight (direct conv kernel)",
               ("x", "activations [N, C, H, W]"), _infer_conv_type, _legalize_conv)
 
 

@@ -5,6 +5,7 @@ tuning. Rules, tried in order, one module per op family (like TVM's dlight):
 
 - `matmul.Matmul`: dense / batched / broadcast matmul, NN and NT, GEMV, fused epilogues
 - `conv2d.Conv2d`: convolutions as implicit GEMM on the same register-tile template (`contraction.py`)
+- `depthwise.GroupedConvRule`: depthwise and grouped convolutions (NCHW/NHWC) as a direct, vectorized conv
 - `reduction.Reduction`: softmax, layer/RMS norm, mean/sum/max reductions, pooling
 - `elementwise.Elementwise`: injective kernels
 - `reduction.Fallback`: anything else gets at least its outer loops parallel
@@ -54,11 +55,12 @@ __all__ = [
 def cpu_rules() -> list[ScheduleRule]:
     """The default CPU rules, most specific first."""
     from edgecc.schedules.conv2d import Conv2d
+    from edgecc.schedules.depthwise import GroupedConvRule
     from edgecc.schedules.elementwise import Elementwise
     from edgecc.schedules.matmul import Matmul
     from edgecc.schedules.reduction import Fallback, Reduction
 
-    return [Matmul(), Conv2d(), Reduction(), Elementwise(), Fallback()]
+    return [Matmul(), Conv2d(), GroupedConvRule(), Reduction(), Elementwise(), Fallback()]
 
 
 def cpu_schedule_passes(spec: TargetSpec) -> list[tvm.transform.Pass]:

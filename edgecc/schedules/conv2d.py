@@ -4,8 +4,8 @@
 The padded input stays a separate (parallel, vectorized) stage; the convolution uses the output channel
 `f` as the vector axis (weights packed into `[f // nr, c, ry, rx, nr]` panels, i.e. the weight transpose
 of an im2col GEMM) and the output column `x` as the broadcast row axis, so output widths of 7 or 56 need
-no vector tail. Depthwise convolutions (the channel indexes both operands, so no operand is a plain
-vector operand) are not matched: they get the `reduction` rule (parallel rows, serial window).
+no vector tail. Grouped and depthwise convolutions (the channel indexes both operands, so no operand is a
+plain vector operand) are not matched: `depthwise.GroupedConvRule`, next in the rule list, takes them.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: st
     def at(buf, row, col):
         return buf[col // tile, row, col % tile]
 
-    if scheme.act_bits == 8:
+    if scheme.dot_layout:
         def at_w(buf, row, col):  # the int8 dot-product layout (edgecc.schedules.int8_dot.pack_k4)
             return buf[col // tile, row // 4, (col % tile) * 4 + row % 4]
 
@@ -91,6 +91,8 @@ def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: st
         return (val & mask).astype("float32")
 
     has_zero = z is not None or scheme.zero_offset != 0
+    if scheme.act_bits == 8:  # 4-bit a8: the activations on their per-(row, group) int8 grid
+        x = _group_int8_grid(x, m, k, g_size)
     if panel_rows(m):
         # Many rows (prefill, encoders): decode each weight once into a float panel, shared by every row.
         def weight(kk, c):
@@ -128,6 +130,22 @@ def quantized_matmul_compute(m, k: int, n: int, scheme: QuantScheme, x_dtype: st
     if x_dtype != "float32":
         y = te.compute((m, n), lambda i, c: y[i, c].astype(x_dtype), name="y_cast")
     return inputs + [y]
+
+
+def _group_int8_grid(x, m, k: int, g_size: int):
+    """x rounded to int8 codes per row and group of `g_size` features (scale max|x| / 127), as float:
+    the activations `edgecc.schedules.int4_dot` multiplies, so the generic kernel computes the same function."""
+    r = te.reduce_axis((0, g_size), name="ra")
+    amax = te.compute((m, k // g_size), lambda i, g: te.max(te.abs(x[i, g * g_size + r].astype("float32")), axis=r),
+                      name="amax")
+    sx = te.compute((m, k // g_size), lambda i, g: tirx.Select(amax[i, g] > 0, amax[i, g] / 127.0,
+                                                               tirx.const(1.0, "float32")), name="sx")
+
+    def grid(i, c):
+        q = tirx.round(x[i, c].astype("float32") / sx[i, c // g_size])
+        return tirx.max(tirx.min(q, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32")) * sx[i, c // g_size]
+
+    return te.compute((m, k), grid, name="xg")
 
 
 def _w8a8_panel_compute(x, w, s, m, k, n, at, at_w):
@@ -220,7 +238,7 @@ def schedule_quantized(func: tirx.PrimFunc, m, k: int, n: int, scheme: QuantSche
         return sch.mod["main"]
     y = sch.get_sblock("y")
     part = sch.get_sblock("part")
-    if scheme.act_bits == 8:
+    if scheme.dot_layout:
         # part is the int32 accumulator; y the float epilogue
         i, c = sch.get_loops(y)
         i0, i1 = sch.split(i, [None, mr])
@@ -280,13 +298,14 @@ def _schedule_panel(sch: s_tir.Schedule, mr: int, nr: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))} \
         if _has_root(sch) else set()
-    if "xfq" in names:  # w8a8: the row quantization, rows in parallel
-        sch.compute_inline(sch.get_sblock("sx"))
-        sch.parallel(sch.get_loops(sch.get_sblock("amax"))[0])
-        xi, xc = sch.get_loops(sch.get_sblock("xfq"))
-        sch.parallel(xi)
-        _, xv = sch.split(xc, [None, 16])
-        sch.vectorize(xv)
+    for grid in ("xfq", "xg"):  # a8: the activations' int8 grid (w8a8 per row, 4-bit a8 per group), rows in parallel
+        if grid in names:
+            sch.compute_inline(sch.get_sblock("sx"))
+            sch.parallel(sch.get_loops(sch.get_sblock("amax"))[0])
+            xi, xc = sch.get_loops(sch.get_sblock(grid))
+            sch.parallel(xi)
+            _, xv = sch.split(xc, [None, 16])
+            sch.vectorize(xv)
 
 
 def _has_root(sch) -> bool:
@@ -301,12 +320,20 @@ def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tv
                               x_dtype: str = "float32", schedule: bool = True) -> tuple[tirx.PrimFunc, bool]:
     """The kernel as a PrimFunc (scheduled for `target` when possible) and whether the schedule applied.
 
-    w8a8 on a CPU with int8 dot products (AVX-512 VNNI, Arm dotprod) and a float32 input: the hand-written
+    w8a8 on a CPU with int8 dot products (AVX-512 VNNI, Arm dotprod, Arm i8mm) and a float32 input: the hand-written
     kernel of `edgecc.schedules.int8_dot` (2.5-5x the generic one)."""
-    if schedule and scheme.act_bits == 8 and x_dtype == "float32":
+    if schedule and scheme.act_bits == 8 and scheme.bits == 4 and x_dtype == "float32" and not panel_rows(m):
+        from edgecc.schedules import int4_dot
+
+        isa = int4_dot.target_dot_isa(target)
+        tile = scheme.stored_shapes(k, n)["scales"][0][2]
+        if int4_dot.supports(isa, scheme.bits, scheme.group_for(k), k, n, tile):
+            return int4_dot.int4_dot_matmul_kernel(k, n, scheme.group_for(k), tile, isa, scheme.symmetric,
+                                                   rows=m, cores=_num_cores(target)), True
+    if schedule and scheme.dot_layout and x_dtype == "float32":
         from edgecc.schedules import int8_dot
 
-        isa = int8_dot.target_dot_isa(target)
+        isa = int8_dot.target_int8_isa(target)  # i8mm (smmla) first, then VNNI / sdot
         tile = scheme.stored_shapes(k, n)["scales"][0][2]
         if int8_dot.supports(isa, n, tile):
             return int8_dot.int8_dot_matmul_kernel(k, n, tile, isa, rows=m), True

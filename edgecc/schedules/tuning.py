@@ -10,8 +10,11 @@ it was measured on. A record is keyed by the *structural hash of the fused PrimF
 applies to any model, on any machine, whose fused kernel is identical, and only there. `build` picks the
 database up automatically (`relax_pipeline`): `apply_database_pass` replaces every fused PrimFunc that has a
 record by its best measured schedule and marks it scheduled, and edgecc's default rules schedule the rest.
-Each kernel's default schedule is timed like the candidates (`edgecc_baselines.json`), and a record is
-applied only where it beats it: a short tuning run never makes a build slower than an untuned one.
+Each kernel's default schedule is timed like the candidates (`edgecc_baselines.json`). Right after the search,
+each kernel's best record and its default schedule are timed again, alternately, in the same minute
+("confirmation"): the search's record and the pre-search baseline were timed minutes apart, and on a shared
+machine the load between them moves more than most tuning gains. A build applies a record only where that
+paired measurement confirms it is faster, so a short tuning run never makes a build slower than an untuned one.
 
 Tuning drives MetaSchedule's pieces (TuneContext, EvolutionarySearch, XGBModel, JSONDatabase, runners) from
 a loop here instead of `tune_tasks`, for what that loop cannot give on a small shared machine:
@@ -62,6 +65,9 @@ EVAL_NUMBER = 3
 EVAL_REPEAT = 3
 EVAL_MIN_REPEAT_MS = 50
 APPLY_MARGIN = 0.98  # a tuned record replaces the default schedule only when at least 2% faster than it
+CONFIRM_ROUNDS = 5  # paired confirmation: default and record each timed this many times, alternating
+CONFIRM_PLAUSIBLE = 1.25  # records slower than this x the baseline are not worth confirming
+CONFIRM_RESERVE = 0.15  # share of --time-budget kept for the confirmation after the search
 XGB_THREADS = int(os.environ.get("EDGECC_XGB_THREADS", "1"))  # xgboost on tiny training sets: 1 thread is faster
 
 
@@ -230,15 +236,15 @@ def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "t
                 tuned_ms = _run_ms(record.run_secs)
                 if tuned_ms is None:  # only failed candidates: nothing to apply
                     continue
-                if baseline is not None and tuned_ms >= baseline["default_ms"] * APPLY_MARGIN:
-                    updates[gv] = func.with_attr(TUNING_ATTR, "default-faster")
-                    continue
                 sch = database.query_schedule(workload, target, gv.name_hint)
             except Exception as exc:  # noqa: BLE001 - a record that no longer replays: use the default rules
                 log.warning("tuning record for %s does not apply: %s", gv.name_hint,
                             str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__)
                 continue
             if sch is None:
+                continue
+            if baseline is not None and not confirmed_faster(baseline, sch.mod):
+                updates[gv] = func.with_attr(TUNING_ATTR, "default-faster")
                 continue
             new_func = sch.mod["main"]
             if func.attrs is not None:
@@ -255,6 +261,19 @@ def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "t
         return mod
 
     return _apply
+
+
+def confirmed_faster(baseline: dict, tuned_mod) -> bool:
+    """Did the paired confirmation find this exact tuned schedule faster than the default schedule it was
+    timed against? A record that was never confirmed (or another record, or a default schedule that changed
+    since) is not applied: re-running `edgecc tune` on the database confirms it."""
+    import tvm_ffi
+
+    conf = baseline.get("confirmed")
+    if not conf or not conf.get("applies"):
+        return False
+    return (conf.get("tuned_hash") == str(tvm_ffi.structural_hash(tuned_mod))
+            and conf.get("default_hash") == baseline.get("default_hash"))
 
 
 def count_tuned_functions(mod) -> int:
@@ -328,6 +347,9 @@ class TaskReport:
     best_ms: float | None = None  # best record after this run
     done: bool = False  # search space exhausted or per-task cap reached
     skipped: str | None = None  # why the task was not tuned at all
+    confirmed: bool | None = None  # paired re-timing: best record faster than default (None: not compared)
+    confirm_default_ms: float | None = None  # medians of that paired re-timing
+    confirm_tuned_ms: float | None = None
 
 
 @dataclass
@@ -349,9 +371,10 @@ class TuneReport:
 
     @property
     def beats_default(self) -> list[str]:
-        """Tasks whose best record is faster than the default schedule (what a build will use)."""
+        """Tasks whose best record the paired confirmation found faster than the default schedule (what a
+        build will use); with no baseline at all, the best record is used as it is."""
         return [t.name for t in self.tasks if t.best_ms is not None and
-                (t.default_ms is None or t.best_ms < t.default_ms * APPLY_MARGIN)]
+                (t.confirmed or (t.default_ms is None and t.confirmed is None))]
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -662,9 +685,12 @@ def tune_model(
     """
     t0 = time.perf_counter()
     deadline = t0 + time_budget_s if time_budget_s is not None else math.inf
+    # the search stops early enough to leave the confirmation its share of the budget
+    search_deadline = deadline - CONFIRM_RESERVE * time_budget_s if time_budget_s is not None else math.inf
     say = progress or (lambda _event: None)
-    if trials < 1:
-        raise EdgeccError(f"--trials must be at least 1 (got {trials})", "pass a positive number of trials")
+    if trials < 0:
+        raise EdgeccError(f"--trials must not be negative (got {trials})",
+                          "pass a number of trials (0: only re-time the database's best records)")
     if time_budget_s is not None and time_budget_s <= 0:
         raise EdgeccError(f"--time-budget must be positive (got {time_budget_s})", "pass seconds, e.g. 300")
 
@@ -719,7 +745,7 @@ def tune_model(
 
     host_threads = _host_threads()
     needs_intrinsics = any(_has_int8(t.dispatched[0]["main"]) for t in tasks)
-    per_task = max_trials_per_task or trials
+    per_task = max_trials_per_task or max(trials, 1)
     batch = max(1, min(batch_size, trials))
     cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=XGB_THREADS, tree_method="auto")
     rand = seed if seed is not None else -1
@@ -740,9 +766,11 @@ def tune_model(
                 best = _run_ms(previous[0].run_secs)
                 report.best_ms_before = report.best_ms = best
                 state.best_ms = best if best is not None else math.inf
-                _warm_up(cost_model, ctx, previous)
-        ctx.pre_tuning(max_trials=per_task, num_trials_per_iter=batch,
-                       design_spaces=ctx.generate_design_space(), database=database, cost_model=cost_model)
+                if trials:
+                    _warm_up(cost_model, ctx, previous)
+        if trials:  # --trials 0 only confirms: no search space to generate
+            ctx.pre_tuning(max_trials=per_task, num_trials_per_iter=batch,
+                           design_spaces=ctx.generate_design_space(), database=database, cost_model=cost_model)
         states.append(state)
 
     export_dir = Path(tempfile.mkdtemp(prefix="edgecc-tune-"))
@@ -774,7 +802,7 @@ def tune_model(
             # generating a batch costs seconds (more for big kernels): start one only if it and one
             # measurement fit in what is left of the budget
             gen_estimate = state.gen_s if state.gen_s is not None else max(gen_times[-4:], default=0.0)
-            if deadline - time.perf_counter() <= gen_estimate + (per_trial_s or 0.0):
+            if search_deadline - time.perf_counter() <= gen_estimate + (per_trial_s or 0.0):
                 stopped_by = "time budget"
                 break
             t_gen = time.perf_counter()
@@ -796,7 +824,7 @@ def tune_model(
             candidates = list(candidates)[: trials - trials_done]
             measured, builds, results = [], [], []
             for cand in candidates:
-                if time.perf_counter() + (per_trial_s or 0.0) > deadline:
+                if time.perf_counter() + (per_trial_s or 0.0) > search_deadline:
                     break
                 t_trial = time.perf_counter()
                 build, result = _measure(builder, runner, cand.sch.mod, cand.args_info, tvm_target, device_type)
@@ -825,6 +853,8 @@ def tune_model(
             if len(measured) < len(candidates) and trials_done < trials:
                 stopped_by = "time budget"
                 break
+        _confirm_best_records(spec, states, database, database_dir, builder, runner, device_type, deadline,
+                              event)
     finally:
         _shutdown_runner(runner)
         for state in states:
@@ -919,6 +949,114 @@ def _measure_baselines(spec, states, database_dir, builder, runner, device_type,
     if changed:
         _save_baselines(database_dir, baselines)
     return per_trial_s
+
+
+def _confirm_best_records(spec, states, database, database_dir, builder, runner, device_type, deadline,
+                          event) -> None:
+    """Re-time each task's best record against its default schedule, alternately, and keep the verdict.
+
+    The baseline was timed before the search and the record during it, minutes apart; on a shared machine
+    those two times are not comparable (measured: prefill records that "beat" their baseline by 10-60% lost
+    by 10-130% when re-timed back to back). Here both are built once and run `CONFIRM_ROUNDS` times each, in
+    alternating order, and the medians decide. The verdict (with the hashes of both schedules) goes into
+    `edgecc_baselines.json`; `apply_database_pass` applies a record only when its verdict says faster.
+    Tasks are confirmed biggest first; those left when the time budget runs out stay unconfirmed (not
+    applied) and are confirmed by the next `edgecc tune` on the database, which resumes.
+    """
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    target = spec.tvm()
+    baselines = load_baselines(database_dir)
+    todo = []
+    for state in states:
+        key = _workload_key(state.ctx.mod)
+        base = baselines.get(key)
+        if base is None or state.workload is None:
+            continue
+        top = database.get_top_k(state.workload, 1)
+        best = _run_ms(top[0].run_secs) if top else None
+        if best is None or best >= base["default_ms"] * CONFIRM_PLAUSIBLE:
+            state.report.confirmed = False if best is not None else None
+            continue
+        todo.append((state, key, base))
+    todo.sort(key=lambda t: -t[0].report.weight * t[2]["default_ms"])
+    changed = False
+    for i, (state, key, base) in enumerate(todo):
+        workload = state.ctx.mod
+        try:
+            sch = database.query_schedule(workload, target, state.report.name)
+            default_mod = _default_scheduled(spec, workload)
+        except Exception as exc:  # noqa: BLE001 - cannot replay: never applied anyway
+            log.warning("cannot confirm %s: %s", state.report.name, exc)
+            continue
+        tuned_hash = str(tvm_ffi.structural_hash(sch.mod))
+        default_hash = str(tvm_ffi.structural_hash(default_mod))
+        known = base.get("confirmed") or {}
+        if known.get("tuned_hash") == tuned_hash and known.get("default_hash") == default_hash == base.get(
+                "default_hash"):
+            _report_confirmation(state, known)  # confirmed by an earlier run, nothing changed since
+            continue
+        # one round = one run of each; estimate from the baseline and record times plus the run overhead
+        if time.perf_counter() > deadline:
+            event("confirm", f"time budget spent: {len(todo) - i} kernel(s) not confirmed (not applied); "
+                  "run `edgecc tune` again on this database to confirm them")
+            break
+        event("confirm", f"{state.report.name}: re-timing the best record against the default schedule",
+              task=state.report.name, tasks_total=len(states))
+        args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        times = _paired_times(builder, runner, [default_mod, sch.mod], args_info, target, device_type)
+        if times is None:
+            continue
+        d_ms, t_ms = times
+        verdict = {"tuned_hash": tuned_hash, "default_hash": default_hash, "default_ms": d_ms, "tuned_ms": t_ms,
+                   "rounds": CONFIRM_ROUNDS, "applies": t_ms < d_ms * APPLY_MARGIN}
+        if default_hash != base.get("default_hash"):  # default schedule changed since the baseline
+            base.update(default_hash=default_hash, default_ms=d_ms)
+        base["confirmed"] = verdict
+        changed = True
+        _report_confirmation(state, verdict)
+        event("confirm", f"{state.report.name}: default {d_ms:.4f} ms, tuned {t_ms:.4f} ms -> "
+              + ("tuned" if verdict["applies"] else "default kept"), task=state.report.name,
+              task_best_ms=state.report.best_ms, tasks_total=len(states))
+    if changed:
+        _save_baselines(database_dir, baselines)
+
+
+def _report_confirmation(state: _Task, verdict: dict) -> None:
+    state.report.confirmed = bool(verdict["applies"])
+    state.report.confirm_default_ms = verdict["default_ms"]
+    state.report.confirm_tuned_ms = verdict["tuned_ms"]
+
+
+def _paired_times(builder, runner, mods, args_info, target, device_type) -> list[float] | None:
+    """Build each module once, then time them in turn `CONFIRM_ROUNDS` times (order alternating per
+    round): the median time of each, in ms, or None if any fails."""
+    from tvm.s_tir import meta_schedule as ms
+
+    paths = []
+    try:
+        for mod in mods:
+            build = builder.build([ms.builder.BuilderInput(mod, target)])[0]
+            if build.error_msg is not None:
+                return None
+            paths.append(build.artifact_path)
+        samples: list[list[float]] = [[] for _ in mods]
+        for r in range(CONFIRM_ROUNDS):
+            order = range(len(mods)) if r % 2 == 0 else reversed(range(len(mods)))
+            for j in order:
+                result = runner.run([ms.runner.RunnerInput(paths[j], device_type, args_info)])[0].result()
+                value = _run_ms(result.run_secs) if result.error_msg is None else None
+                if value is None:
+                    return None
+                samples[j].append(value)
+        return [sorted(v)[len(v) // 2] for v in samples]
+    finally:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _pick_task(alive: list[_Task]) -> _Task:

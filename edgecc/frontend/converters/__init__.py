@@ -15,7 +15,8 @@ GroupQueryAttention), `float8.py` (Cast/CastLike to and from the float8 types), 
 QuantizeLinear, DequantizeLinear on int4/uint4/int2/uint2/float4e2m1 held one element per byte; called by the
 importer for nodes that touch such values rather than looked up here), `quantized.py`
 (QuantizeLinear/DequantizeLinear per-tensor, per-axis and blocked, QLinearMatMul, QLinearConv, ConvInteger),
-`contrib.py` (com.microsoft: MatMulNBits, SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization).
+`contrib.py` (com.microsoft: MatMulNBits, GatherBlockQuantized, SimplifiedLayerNormalization,
+SkipSimplifiedLayerNormalization).
 TVM's own converters are used (and tested in tests/test_converters.py) for DynamicQuantizeLinear,
 MatMulInteger, FastGelu, BiasGelu and SkipLayerNormalization.
 

@@ -1,8 +1,9 @@
 """Weights an ONNX model already quantized -> edgecc's packed storage, written as Relax ops on the weights.
 
-The converters of pre-quantized forms (MatMulNBits, DequantizeLinear -> MatMul/Gemm, MatMulInteger) emit
-`edgecc.quantized_matmul` whose packed operands are computed from the model's own initializers by the
-functions here: integer reshapes, shifts and ors only, so the codes are the model's codes bit for bit.
+The converters of pre-quantized forms (MatMulNBits, DequantizeLinear -> MatMul/Gemm, MatMulInteger,
+GatherBlockQuantized) emit `edgecc.quantized_matmul` / `edgecc.quantized_gather` whose packed operands are
+computed from the model's own initializers by the functions here: integer reshapes, adds, shifts and ors
+only, so the codes are the model's codes bit for bit.
 Every one of them depends on weights alone, so `edgecc build` lifts them (LiftTransformParams) and runs them
 once at build time, exactly like the transposed weight of a Gemm: params.bin holds the repacked tensors,
 never a float copy. Layouts: `edgecc.compress.schemes` (logical [rows, N], stored tile-major [N/T, rows, T]).
@@ -92,9 +93,32 @@ def unpack_low_first(bb, u8, bits: int, n: int, count: int):
     return cast(bb, p, "uint8")
 
 
+def shift_codes(bb, codes, offset: int):
+    """Signed codes q -> uint8 q + offset: int8 + 128 (asymmetric 8-bit storage), int4 + 8 / int2 + 2
+    (sub-byte storage holds unsigned codes; the symmetric kernels subtract the same offset)."""
+    return cast(bb, emit(bb, relax.op.add(cast(bb, codes, "int32"), const(offset, "int32"))), "uint8")
+
+
 def flip_sign_bit(bb, int8_codes):
     """int8 q -> uint8 q + 128 (same bits with the top one flipped), for asymmetric 8-bit storage."""
-    return cast(bb, emit(bb, relax.op.add(cast(bb, int8_codes, "int32"), const(128, "int32"))), "uint8")
+    return shift_codes(bb, int8_codes, 128)
+
+
+def pack_codes(bb, codes, bits: int, n: int):
+    """Unsigned codes [N, K] (one per byte, < 2^bits; bits 2 or 4) -> uint32 [N, K * bits / 32]: code k of a
+    column at bits k*bits.. of its stream, lowest first (edgecc's `pack_bits` layout, see bytes_to_words)."""
+    if 32 % bits:
+        raise ValueError(f"{bits}-bit codes straddle words; only 2- and 4-bit codes are packed here")
+    per = 32 // bits
+    k = static_shape(codes)[1]
+    c = emit(bb, relax.op.reshape(cast(bb, codes, "uint32"), [n, k // per, per]))
+    word = None
+    for i in range(per):
+        part = emit(bb, relax.op.reshape(relax.op.strided_slice(c, axes=[2], begin=[i], end=[i + 1]), [n, k // per]))
+        if i:
+            part = emit(bb, relax.op.left_shift(part, const(i * bits, "uint32")))
+        word = part if word is None else emit(bb, relax.op.bitwise_or(word, part))
+    return word
 
 
 def annotation(scheme: QuantScheme, k: int, n: int, name: str, source: str, orig_dtype: str = "float32") -> dict:

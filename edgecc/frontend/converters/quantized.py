@@ -12,7 +12,11 @@ docs/compression.md "Models that are already quantized") instead of a float copy
 
 * QDQ weights: `DequantizeLinear` of a constant int8/uint8 2-D weight (per tensor, per output channel, or
   blocked along the reduction axis) feeding `MatMul` / `Gemm` (directly, through a Transpose, or as a Gemm's
-  transB operand) -> `w8[g<block>]` (int8, zero points all 0) or `w8[g<block>]-asym`. The DequantizeLinear
+  transB operand) -> `w8[g<block>]` (int8, zero points all 0) or `w8[g<block>]-asym`. int4/uint4 (and
+  int2/uint2) weights arrive as byte containers from the sub-byte path, which passes their type: they map
+  to `w4[g<block>]` / `w4[g<block>]-asym` the same way (signed codes and zero points stored + 2^(bits-1),
+  packed into uint32 words), or keep 8-bit storage where 4-bit storage cannot hold the group (a K that
+  fills no whole word). A block spanning all of K counts as per channel. The DequantizeLinear
   converter still emits the float dequantization (another consumer may need it) and remembers its operands;
   the MatMul/Gemm converters look them up and emit the packed op, leaving the float weight dead (removed
   before the weights are lifted). Activation QDQ pairs stay as they are: fake quantization in float.
@@ -69,7 +73,8 @@ def _axis(attrs, rank: int) -> int:
 
 
 @register("DequantizeLinear")
-def dequantize_linear(bb, inputs, attrs, params, opset):
+def dequantize_linear(bb, inputs, attrs, params, opset, sub=None):
+    """`sub`: the int4/uint4/int2/uint2 type (edgecc.frontend.subbyte) when x is a byte container of one."""
     x, scale = inputs[0], inputs[1]
     x_shape = static_shape(x)
     if dtype_of(x) not in _RANGES or x_shape is None:
@@ -85,7 +90,7 @@ def dequantize_linear(bb, inputs, attrs, params, opset):
     if len(x_shape) == 2 and dtype_of(x) in ("int8", "uint8") and pk.is_weight(x, params) \
             and pk.is_weight(scale, params) and (not present(inputs, 2) or pk.is_weight(inputs[2], params)):
         _remember(params, out, {"q": x, "scale": scale, "zp": inputs[2] if present(inputs, 2) else None,
-                                "axis": axis, "block": block, "shape": x_shape})
+                                "axis": axis, "block": block, "shape": x_shape, "bits": sub.bits if sub else 8})
     return out
 
 
@@ -101,22 +106,39 @@ def _remember(params, out, info: dict) -> None:
     _TRACK["weights"][out] = info
 
 
+def _bound(bb, expr):
+    """The value a Var is bound to in this builder (the expression itself otherwise, or None)."""
+    if not isinstance(expr, relax.Var):
+        return expr
+    try:
+        return bb.lookup_binding(expr)
+    except Exception:  # noqa: BLE001 - not bound in this builder
+        return None
+
+
+def _entry(bb, table: dict, expr):
+    """The remembered info of `expr`: a DequantizeLinear output as the converter returned it (a Call, not
+    yet emitted) or the Var TVM's importer later bound it to (e.g. before its Transpose converter)."""
+    if expr in table:
+        return table[expr]
+    bound = _bound(bb, expr) if isinstance(expr, relax.Var) else None
+    return table.get(bound) if bound is not None else None
+
+
 def _tracked(bb, params, expr):
     """(DequantizeLinear info, transposed) when `expr` is a remembered weight or its 2-D transpose."""
     if _TRACK["graph"] is not params[0]:
         return None, False
     table = _TRACK["weights"]
-    if expr in table:
-        return table[expr], False
-    bound = expr
-    if isinstance(expr, relax.Var):
-        try:
-            bound = bb.lookup_binding(expr)
-        except Exception:  # noqa: BLE001 - not bound in this builder
-            return None, False
+    info = _entry(bb, table, expr)
+    if info is not None:
+        return info, False
+    bound = _bound(bb, expr)
     if (isinstance(bound, relax.Call) and isinstance(bound.op, tvm.ir.Op) and bound.op.name == "relax.permute_dims"
-            and bound.args[0] in table and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])):
-        return table[bound.args[0]], True
+            and (bound.attrs.axes is None or [int(a) for a in bound.attrs.axes] == [1, 0])):
+        info = _entry(bb, table, bound.args[0])
+        if info is not None:
+            return info, True
     return None, False
 
 
@@ -130,6 +152,17 @@ def _per_n(bb, p, n: int, n_major: bool, per_tensor: bool):
     return p if n_major else emit(bb, relax.op.permute_dims(p, [1, 0]))
 
 
+def _dq_scheme(info: dict, k: int, n: int, group: int, symmetric: bool):
+    """The scheme of a DequantizeLinear weight: its own width (4-bit codes -> w4...), else the 8-bit one
+    (a sub-byte code is also an 8-bit code: a group edgecc's 2/4-bit storage cannot hold, such as a
+    per-channel group of K codes that does not fill whole uint32 words, keeps the codes at 8 bits)."""
+    for bits in dict.fromkeys((info["bits"], 8)):
+        scheme = pk.scheme_for(bits, group, symmetric)
+        if scheme is not None and not scheme.check_shape(k, n):
+            return scheme
+    return None
+
+
 def _packed_from_dq(bb, params, info: dict, n_major: bool, name: str, source: str):
     """(qweight, scales, zeros or None, annotation) of a DequantizeLinear weight, or None when the
     quantization does not map onto an edgecc scheme (blocks or channels along the wrong axis)."""
@@ -138,22 +171,32 @@ def _packed_from_dq(bb, params, info: dict, n_major: bool, name: str, source: st
     k_axis, n_axis = (1, 0) if n_major else (0, 1)
     sshape = static_shape(info["scale"])
     per_tensor = len(sshape) == 0 or (len(sshape) == 1 and sshape[0] == 1 and n != 1)
+    block = info["block"]
     if per_tensor:
         group = -1
-    elif info["block"] == 0 and info["axis"] == n_axis and len(sshape) == 1:
+    elif block == 0 and info["axis"] == n_axis and len(sshape) == 1:
         group = -1
-    elif info["block"] and info["axis"] == k_axis and len(sshape) == 2 and k % info["block"] == 0:
-        group = info["block"]
+    elif block and info["axis"] == k_axis and len(sshape) == 2 and block >= k:
+        group = -1  # one block spans K (onnxruntime's channel-wise QDQ: block_size = K): per channel
+    elif block and info["axis"] == k_axis and len(sshape) == 2 and k % block == 0:
+        group = block
     else:
         return None
     q, zp, qdt = info["q"], info["zp"], dtype_of(info["q"])
+    signed = qdt == "int8"  # the container of int4/int2 is int8, of uint4/uint2 uint8
     zvals = pk.constant_value(zp, params) if zp is not None else None
-    symmetric = qdt == "int8" and (zvals is None or not np.any(zvals))
-    scheme = pk.scheme_for(8, group, symmetric)
-    if scheme is None or scheme.check_shape(k, n):
+    symmetric = signed and (zvals is None or not np.any(zvals))
+    scheme = _dq_scheme(info, k, n, group, symmetric)
+    if scheme is None:
         return None
     codes = q if n_major else emit(bb, relax.op.permute_dims(q, [1, 0]))  # [N, K]
-    if qdt == "int8" and not symmetric:
+    if scheme.bits < 8:
+        # unsigned codes: int q + 2^(b-1) (the symmetric offset; asymmetric zeros get the same shift),
+        # uint q as is; then K codes per column into uint32 words, low bits first
+        if signed:
+            codes = pk.shift_codes(bb, codes, 1 << (scheme.bits - 1))
+        codes = pk.pack_codes(bb, codes, scheme.bits, n)
+    elif signed and not symmetric:
         codes = pk.flip_sign_bit(bb, codes)
     qweight = pk.tile_n_major(bb, codes, n, pk.var_name(name, "qweight"))
     s = _per_n(bb, pk.float32(bb, info["scale"]), n, n_major, per_tensor)
@@ -165,7 +208,8 @@ def _packed_from_dq(bb, params, info: dict, n_major: bool, name: str, source: st
             z = const(np.zeros((n, groups), np.uint8), "uint8")
         else:
             z = _per_n(bb, zp, n, n_major, per_tensor)
-            z = pk.flip_sign_bit(bb, z) if qdt == "int8" else z
+            if signed:
+                z = pk.shift_codes(bb, z, 128 if scheme.bits == 8 else 1 << (scheme.bits - 1))
         zeros = pk.tile_n_major(bb, z, n, pk.var_name(name, "zeros"))
     return qweight, scales, zeros, pk.annotation(scheme, k, n, name, source)
 

@@ -124,7 +124,7 @@ def _dequantize(bb, inputs, attrs, params, opset, x_type: SubByte):
     from edgecc.frontend.converters.quantized import _axis, _param_for, dequantize_linear
 
     if not x_type.is_float:
-        return dequantize_linear(bb, inputs, attrs, params, opset)  # containers hold the values themselves
+        return dequantize_linear(bb, inputs, attrs, params, opset, sub=x_type)  # containers hold the values
     x, scale = inputs[0], inputs[1]
     x_shape = static_shape(x)
     if x_shape is None:
@@ -159,4 +159,8 @@ def convert(bb, op: str, inputs, attrs, params, opset: int, in_types: list, out_
         return NotImplemented if out is None else _quantize(bb, inputs, attrs, out)
     if op == "DequantizeLinear" and in_types and in_types[0] is not None:
         return _dequantize(bb, inputs, attrs, params, opset, in_types[0])
+    if op == "GatherBlockQuantized" and in_types:  # int4/uint4 tables: the container needs its type
+        from edgecc.frontend.converters.contrib import gather_block_quantized
+
+        return gather_block_quantized(bb, inputs, attrs, params, opset, sub=in_types[0])
     return NotImplemented  # ops that only move elements work on the containers (TVM's converters)
