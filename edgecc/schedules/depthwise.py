@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
-from edgecc.schedules import base
+from edgecc.schedules import base, contraction
 from edgecc.schedules.matmul import find_contraction_block
 from edgecc.schedules.params import CpuParams
 from edgecc.targets.registry import TargetSpec
@@ -250,7 +250,7 @@ def schedule(sch: s_tir.Schedule, c: GroupedConv, params: CpuParams, *, fuse_epi
                 sch.unroll(lp[r])
     for blk in tile_blocks:
         own = sch.get_loops(blk)[tile_levels:]
-        if own and _writes_last_dim(sch, blk, own[-1]) and (base.const_extent(sch, own[-1]) or 0) > 1:
+        if own and contraction.writes_last_dim(sch, blk, own[-1]) and (base.const_extent(sch, own[-1]) or 0) > 1:
             sch.vectorize(own[-1])
             for lp_ in own[:-1]:
                 if (base.const_extent(sch, lp_) or 0) > 1:
@@ -322,10 +322,6 @@ def _row_tile(m: int, rows: int, *, exact: bool = False) -> int:
     return rows
 
 
-def _writes_last_dim(sch, blk, loop) -> bool:
-    stmt = sch.get(blk)
-    if len(stmt.writes) != 1:
-        return False
     loop_var = sch.get(loop).loop_var
     values = base._get_sblock_realize(sch, blk).iter_values
     last = stmt.writes[0].region[-1].min
