@@ -239,7 +239,11 @@ def test_resume_through_the_cli_adds_trials_and_keeps_records(tuned_db, matmul_r
     baselines = (resumed / "edgecc_baselines.json").read_text()
     result = cli("tune", matmul_relu, "--trials", "4", "--db", resumed)
     assert result.exit_code == 0, result.output
-    assert (resumed / "edgecc_baselines.json").read_text() == baselines  # default schedule unchanged: not re-timed
+    def defaults(text):  # the baseline itself; the confirmation verdict may change with a new best record
+        return {k: (v["default_ms"], v["default_hash"]) for k, v in json.loads(text).items()}
+
+    # default schedule unchanged: not re-timed
+    assert defaults((resumed / "edgecc_baselines.json").read_text()) == defaults(baselines)
     after = _records(resumed)
     assert after[: len(before)] == before and len(after) == len(before) + 4
     assert "4 trial(s)" in result.output and f"now holds {len(after)} record(s) (4 new)" in result.output

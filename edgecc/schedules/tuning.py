@@ -236,6 +236,9 @@ def apply_database_pass(spec: TargetSpec, database_dir: str | Path | None) -> "t
                 tuned_ms = _run_ms(record.run_secs)
                 if tuned_ms is None:  # only failed candidates: nothing to apply
                     continue
+                if baseline is not None and not (baseline.get("confirmed") or {}).get("applies"):
+                    updates[gv] = func.with_attr(TUNING_ATTR, "default-faster")  # no need to replay the trace
+                    continue
                 sch = database.query_schedule(workload, target, gv.name_hint)
             except Exception as exc:  # noqa: BLE001 - a record that no longer replays: use the default rules
                 log.warning("tuning record for %s does not apply: %s", gv.name_hint,
