@@ -322,15 +322,6 @@ def _row_tile(m: int, rows: int, *, exact: bool = False) -> int:
     return rows
 
 
-    loop_var = sch.get(loop).loop_var
-    values = base._get_sblock_realize(sch, blk).iter_values
-    last = stmt.writes[0].region[-1].min
-    for iv, val in zip(stmt.iter_vars, values):
-        if isinstance(last, tirx.Var) and last.same_as(iv.var):
-            return loop_var in base.vars_in(val)
-    return False
-
-
 def _vectorize_pad(sch, blk, levels, lanes, params) -> None:
     """The per-task pad copy: its rows and its innermost loop (the padded row, contiguous also after a
     deinterleave) split into border / interior / border, the interior vectorized. Over the whole row the
