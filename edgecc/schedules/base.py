@@ -209,6 +209,19 @@ def loop_of_iter(sch: s_tir.Schedule, block, *, strict: bool = True) -> dict | N
     return out
 
 
+def with_epilogue_fallback(snapshot, attempt):
+    """Run `attempt(schedule, fuse_epilogue)` on a fresh schedule of `snapshot`, fusing the epilogue first
+    and, if a primitive refuses, once more without: the schedule `attempt` returns (None: the rule does not
+    apply), or the last error when both tries fail."""
+    last_error = None
+    for fuse_epilogue in (True, False):
+        try:
+            return attempt(s_tir.Schedule(snapshot), fuse_epilogue)
+        except Exception as exc:  # noqa: BLE001 - try without epilogue fusion, then give up
+            last_error = exc
+    raise last_error
+
+
 def try_inline_all(sch: s_tir.Schedule, blocks: Iterable, *, reverse: bool = False) -> list:
     """compute_inline every block that allows it (then reverse_compute_inline when `reverse`);
     returns the blocks that stayed."""

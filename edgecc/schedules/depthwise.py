@@ -426,19 +426,14 @@ class GroupedConvRule(base.ScheduleRule):
         return main
 
     def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams):
-        snapshot = sch.mod
-        last_error = None
-        for fuse_epilogue in (True, False):
-            work = s_tir.Schedule(snapshot)
-            try:
-                main = self._prepare(work)
-                if main is None:
-                    return None
-                c = analyze(work, main)
-                if c is None:
-                    return None
-                schedule(work, c, params, fuse_epilogue=fuse_epilogue, pow2_wide=spec.arch == "x86_64")
-                return work
-            except Exception as exc:  # noqa: BLE001 - try without epilogue fusion, then give up
-                last_error = exc
-        raise last_error
+        def attempt(work: s_tir.Schedule, fuse_epilogue: bool):
+            main = self._prepare(work)
+            if main is None:
+                return None
+            c = analyze(work, main)
+            if c is None:
+                return None
+            schedule(work, c, params, fuse_epilogue=fuse_epilogue, pow2_wide=spec.arch == "x86_64")
+            return work
+
+        return base.with_epilogue_fallback(sch.mod, attempt)

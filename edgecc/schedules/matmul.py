@@ -56,19 +56,14 @@ class Matmul(base.ScheduleRule):
         return main
 
     def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams):
-        snapshot = sch.mod
-        last_error = None
-        for fuse_epilogue in (True, False):
-            work = s_tir.Schedule(snapshot)
-            try:
-                main = self._prepare(work)
-                if main is None:
-                    return None
-                c = contraction.analyze(work, main, params.lanes())
-                if c is None or c.s_plain != self.want_plain_s:
-                    return None
-                contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue)
-                return work
-            except Exception as exc:  # noqa: BLE001 - try without epilogue fusion, then give up
-                last_error = exc
-        raise last_error
+        def attempt(work: s_tir.Schedule, fuse_epilogue: bool):
+            main = self._prepare(work)
+            if main is None:
+                return None
+            c = contraction.analyze(work, main, params.lanes())
+            if c is None or c.s_plain != self.want_plain_s:
+                return None
+            contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue)
+            return work
+
+        return base.with_epilogue_fallback(sch.mod, attempt)
