@@ -197,6 +197,12 @@ def build_artifact(
                 deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params],
                 method=method, calibration=(onnx_path, calib, calib_text, None))
 
+    from edgecc.ir_passes.merge_linears import merge_for_build
+
+    deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)  # q/k/v, gate/up: one matmul each
+    from edgecc.ir_passes.pack_gemv_weights import pack_for_build
+
+    deploy_mod, named_weights = pack_for_build(deploy_mod, named_weights, spec)  # GEMV weights -> column panels
     with stage("lower"):
         from edgecc.ir_passes.memory_plan import module_memory
         from edgecc.ir_passes.pipeline import relax_pipeline

@@ -76,6 +76,9 @@ def _import_graph(role: str, path: Path, quantize: str | None, method: str | Non
         deploy_mod, named_weights, compression = compress_for_build(
             deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params],
             method=method, calibration=calibration)
+    from edgecc.ir_passes.merge_linears import merge_for_build
+
+    deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)  # q/k/v, gate/up: one matmul each
     return _Graph(role, path, sig, deploy_mod, named_weights, compression)
 
 

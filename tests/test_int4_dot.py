@@ -95,6 +95,29 @@ def test_dot_kernel_on_host(scheme, m, k, n):
     np.testing.assert_allclose(_run_host(kernel, arrays, m, n), _reference(x, qt), rtol=1e-5, atol=1e-4)
 
 
+# (scheme, rows hint, cores, m, K, N): the GEMV tilings a 2-core CPU gets (half-tile jobs: 576 columns, and 3
+# tiles), rows unknown at build time (quantized in parallel, 4-row tiles), and codes and activations at their
+# extremes in groups of 128 (the high nibbles' 16x sums).
+TILINGS = [("w4g32a8-asym", 1, 2, 1, 576, 576), ("w4g32a8", 1, 2, 1, 256, 192),
+           ("w4g32a8-asym", None, 2, 9, 96, 128), ("w4g128a8-asym", 1, 2, 1, 512, 128)]
+
+
+@pytest.mark.parametrize("scheme,rows,cores,m,k,n", TILINGS)
+def test_dot_kernel_tilings_on_host(scheme, rows, cores, m, k, n):
+    isa = dot_isa(HOST.features)
+    if isa != "avx512_vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    x, qt = _case(scheme, m, k, n, seed=7)
+    if qt.scheme.group_for(k) == 128:  # largest |dot| per group: odd k (high nibbles) code 15 x 127
+        x = np.where(np.arange(k) % 2 == 1, 5.0, -5.0)[None, :].astype(np.float32).repeat(m, 0)
+        w = np.where(np.arange(k)[:, None] % 2 == 1, 1.0, -1.0) * np.ones((k, n))
+        qt = quantize_rtn(w.astype(np.float32), qt.scheme)
+    arrays = _arrays(x, qt)
+    g, tile = qt.scheme.group_for(k), arrays[2].shape[2]
+    kernel = int4_dot.int4_dot_matmul_kernel(k, n, g, tile, isa, qt.scheme.symmetric, rows=rows, cores=cores)
+    np.testing.assert_allclose(_run_host(kernel, arrays, m, n), _reference(x, qt), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("scheme,m,k,n", CASES + [("w4g32a8-asym", 9, 96, 64), ("w4g64a8", 16, 128, 48)])
 def test_generic_kernel_computes_the_same_function(scheme, m, k, n):
     """The kernel a target without int8 dot products gets (and prefill's panel kernel, from 8 rows)."""

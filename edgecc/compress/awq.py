@@ -24,6 +24,14 @@ Tried and not kept: calibrating on 12.5k instead of 6.1k tokens of the same lice
 CPython's pydoc topics (18.50); letting each quantization group take its own a (17.90, within the dev
 text's noise, and worse on the evaluation text); skipping the clip search for q/k (17.79; needs the
 weight's role, which `quantize_one` does not get).
+The reference recipe (llm-awq / AutoAWQ: one scale shared by q/k/v and by gate/up, folded into the RMSNorm
+weights, chosen by the output of the attention / MLP it feeds) was worse on this model in every form
+tried (dev; eval read only after the choice): shared q/k/v + gate/up, attention/MLP-output objective,
+2,048 search tokens 19.72 (eval 18.63); same with the summed per-linear loss 20.02 (19.70); summed
+per-linear loss with the sink weight, all 6,144 tokens 21.19 (19.75); only q/k/v shared, attention-output
+objective on all tokens, the rest as here 18.94 (17.72); per-weight, but v_proj's scale chosen by the
+attention output 18.30 (17.45). A shared scale has to suit q, whose loss is
+~250x v's (layer 0), at v's expense; per-weight scales (the build's `x * (1/s)`) avoid that.
 
 Where the scale goes: the quantized weight stores diag(s) W (rtn.py's storage, same kernels); the input must
 be divided by s. The build keeps it as an input-side multiply `x * (1/s)` in front of the quantized matmul,

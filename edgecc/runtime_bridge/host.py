@@ -18,6 +18,7 @@ from edgecc.errors import EdgeccError
 from edgecc.frontend.signature import Signature
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import read_params
+from edgecc.runtime_bridge.weight_memory import load_weights
 from edgecc.targets.registry import host_cpu_flags
 
 
@@ -122,7 +123,8 @@ class LoadedArtifact:
         lib = tvm.runtime.load_module(str(self.dir / art.LIBRARY))
         self._vm = VirtualMachine(lib, dev)
         self._dev = dev
-        self._weights = [tvm.runtime.tensor(w, dev) for _, w in read_params(self.dir / art.PARAMS)]
+        self._arena = load_weights([w for _, w in read_params(self.dir / art.PARAMS)], dev)
+        self._weights = self._arena.tensors
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = check_feeds(self.signature, feeds, self.index_bounds)

@@ -25,6 +25,7 @@ from edgecc.errors import EdgeccError
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.host import default_num_threads, set_num_threads
 from edgecc.runtime_bridge.params_file import read_params
+from edgecc.runtime_bridge.weight_memory import load_weights
 
 
 @dataclass
@@ -98,10 +99,14 @@ class LLMSession:
         self._tvm = tvm
         self._dev = tvm.cpu()
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / art.LIBRARY)), self._dev)
-        self._weights = [tvm.runtime.tensor(w, self._dev) for _, w in read_params(self.dir / art.PARAMS)]
         layout = self.llm["kv_cache"]
         self.max_context = int(self.llm["max_context"])
-        self._caches = [tvm.runtime.tensor(np.zeros(s, dtype=layout["dtype"]), self._dev) for s in layout["shapes"]]
+        weights = [w for _, w in read_params(self.dir / art.PARAMS)]
+        # weights and KV cache are streamed on every decode step: one huge-page arena for both
+        self._arena = load_weights(weights + [np.zeros(s, dtype=layout["dtype"]) for s in layout["shapes"]],
+                                   self._dev)
+        self._weights = self._arena.tensors[:len(weights)]
+        self._caches = self._arena.tensors[len(weights):]
         self.entries = self.llm["entries"]
         self.prefill_len = self.entries["prefill"]["seq"] if "prefill" in self.entries else 0
         self.position = 0

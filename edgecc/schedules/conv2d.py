@@ -4,15 +4,35 @@
 The padded input stays a separate (parallel, vectorized) stage; the convolution uses the output channel
 `f` as the vector axis (weights packed into `[f // nr, c, ry, rx, nr]` panels, i.e. the weight transpose
 of an im2col GEMM) and the output column `x` as the broadcast row axis, so output widths of 7 or 56 need
-no vector tail. Grouped and depthwise convolutions (the channel indexes both operands, so no operand is a
-plain vector operand) are not matched: `depthwise.GroupedConvRule`, next in the rule list, takes them.
+no vector tail. When a whole panel's output fits in L1 (7x7 and 14x14 outputs) and its weights do not, the
+reduction is K-blocked (`contraction._k_chunk`): each chunk of the panel serves every row before the next.
+Grouped and depthwise convolutions (the channel indexes both operands, so no operand is a plain vector
+operand) are not matched: `depthwise.GroupedConvRule`, next in the rule list, takes them.
 """
 
 from __future__ import annotations
 
+from tvm import s_tir
+
+from edgecc.schedules import base, contraction
 from edgecc.schedules.matmul import Matmul
+from edgecc.schedules.params import CpuParams
+from edgecc.targets.registry import TargetSpec
 
 
 class Conv2d(Matmul):
     name = "conv2d"
     want_plain_s = False  # the input operand is indexed by y*s + ry, x*s + rx
+
+    def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams):
+        def attempt(work: s_tir.Schedule, fuse_epilogue: bool):
+            main = self._prepare(work)
+            if main is None:
+                return None
+            c = contraction.analyze(work, main, params.lanes())
+            if c is None or c.s_plain:
+                return None
+            contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue, k_block=True)
+            return work
+
+        return base.with_epilogue_fallback(sch.mod, attempt)

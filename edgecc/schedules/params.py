@@ -28,6 +28,10 @@ class CpuParams:
     num_cores: int  # threads the runtime is expected to use
     min_parallel_tasks_per_core: int  # fuse outer loops until a parallel loop has this many tasks per core
     max_unroll: int  # fully unroll inner loops up to this extent (reductions, epilogues)
+    # K-blocked convolutions (`contraction._k_chunk`): a chunk of a packed panel, and the largest panel output
+    # (the accumulator kept in L1 across chunks); together with the input rows they fit a 32-48 KiB L1d
+    kblock_chunk_bytes: int = 16 * 1024
+    kblock_acc_bytes: int = 32 * 1024
 
     def lanes(self, dtype_bits: int = 32) -> int:
         """Elements of `dtype_bits` in one vector register."""

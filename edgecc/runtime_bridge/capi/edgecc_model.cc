@@ -57,6 +57,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace ffi = tvm::ffi;
 
 // Linked-in data of an `--emit static` build (edgecc_model_data.S); absent (NULL) otherwise.
@@ -381,10 +385,24 @@ struct AlignedFree {
 };
 using AlignedBuffer = std::unique_ptr<uint8_t, AlignedFree>;
 
+/*! \brief 64-byte aligned memory; what lies on whole 2 MiB pages inside it asks Linux for huge pages.
+ *
+ * The weights (params.bin, read into one such buffer) are streamed once per decode step: with 4 KiB pages
+ * that is a TLB miss every few rows of a GEMV. Most distributions set THP to `madvise`, so ask for it before
+ * the first write (as the Python loader does, edgecc/runtime_bridge/weight_memory.py). Only the 2 MiB-aligned
+ * interior is advised: aligning the allocation itself would cost up to 2 MiB of heap per buffer, and the
+ * manifest's memory plan is exact.
+ */
 AlignedBuffer AllocAligned(size_t nbytes) {
   size_t rounded = (nbytes + kAlign - 1) / kAlign * kAlign;
   void* p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
   if (p == nullptr) Fail(EDGECC_ERR_OUT_OF_MEMORY, "out of memory allocating " + std::to_string(nbytes) + " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~(kHugePage - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(p) + rounded) & ~(kHugePage - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory only
+#endif
   return AlignedBuffer(static_cast<uint8_t*>(p));
 }
 

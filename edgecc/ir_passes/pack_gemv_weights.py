@@ -1,0 +1,178 @@
+"""Repack the weights of matrix-vector products at build time into column panels: one stream per task.
+
+    y = x @ W          W: [K, N] row-major            ─▶    y = reshape(einsum("mk,pkj->mpj", x, Wp), [.., N])
+    (x has at most `gemv_max_rows` rows)                    Wp: [N / nr, K, nr] = W's column panels
+
+Why: a GEMV is a pass over the whole weight. The GEMV schedule (`schedules/contraction.py`) gives each task
+`nr` adjacent columns; in W's own layout such a task reads `nr * 4` bytes from every row, one row every
+`N * 4` bytes: a new 4 KiB page almost every row, hundreds of short streams the hardware prefetcher does
+not follow (it stays inside a page). In panel layout each task reads one contiguous block of `K * nr`
+elements. A decode step of a memory-bound decoder is almost only such GEMVs. The runtime-packing path of the
+GEMM template cannot help here: packing at run time would copy the whole matrix on every call.
+
+What is rewritten, in one function: `R.matmul(x, W)` where W is a 2-D float weight parameter (after
+`num_input`) of x's dtype, x has a static shape with at most `gemv_max_rows` rows (the product of its leading
+axes), and N has a panel width (`gemv_nr` lanes, or the widest whole number of half-vectors dividing N).
+A weight is packed only when every use of it is such a GEMV, so no weight is ever stored twice; in
+particular a weight shared with a prefill GEMM (LLM builds) stays as it is. The einsum's output
+[M, N/nr, nr] is already W's column order, so the reshape back is a view; elementwise epilogues (bias,
+activation, residual) follow in a small kernel of their own, because FuseOps does not fuse an einsum with
+its consumers. The packing itself is done here, in numpy, on the build machine.
+
+`EDGECC_PACK_GEMV=0` turns it off (for A/B timing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from edgecc.schedules.params import CpuParams, cpu_params
+from edgecc.targets.registry import TargetSpec
+
+
+def panel_width(n: int, params: CpuParams, dtype_bits: int) -> int | None:
+    """The panel width for an N-wide weight: `gemv_nr`, else the widest whole half-vector multiple dividing N."""
+    nr = params.gemv_nr(dtype_bits)
+    if n % nr == 0:
+        return nr
+    half = max(1, params.lanes(dtype_bits) // 2)
+    fits = [w for w in range(nr - half, half - 1, -half) if n % w == 0]
+    return fits[0] if fits else None
+
+
+def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
+    """[K, N] -> [N / nr, K, nr] (column panel p holds columns p*nr .. p*nr+nr-1, row by row)."""
+    k, n = w.shape
+    return np.ascontiguousarray(w.reshape(k, n // nr, nr).transpose(1, 0, 2))
+
+
+def _static_dims(expr) -> list[int] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = list(ty.shape.values)
+    if not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d) for d in dims]
+
+
+def _var_uses(func: relax.Function) -> dict:
+    """How many times each Var occurs as an operand anywhere in the function body."""
+    uses: dict = {}
+
+    def _visit(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, _visit)
+    return uses
+
+
+def _gemv_bindings(func: relax.Function, weights: set, max_rows: int) -> dict:
+    """weight param -> [(binding var, x, K, N, M)] for every `R.matmul(x, W)` that is a GEMV on W."""
+    found: dict = {}
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            continue
+        for b in block.bindings:
+            call = b.value if isinstance(b, relax.VarBinding) else None
+            if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+                continue
+            x, w = call.args
+            if w not in weights:
+                continue
+            xd, wd = _static_dims(x), _static_dims(w)
+            if xd is None or wd is None or len(wd) != 2 or len(xd) < 1 or xd[-1] != wd[0]:
+                continue
+            x_dtype, w_dtype = str(x.ty.dtype), str(w.ty.dtype)
+            if x_dtype != w_dtype or not w_dtype.startswith("float"):
+                continue
+            out_dtype = call.attrs.out_dtype if call.attrs is not None else None
+            if out_dtype is not None and str(out_dtype) not in ("", "void", w_dtype):
+                continue
+            m = int(np.prod(xd[:-1])) if len(xd) > 1 else 1
+            if m > max_rows:
+                continue
+            found.setdefault(w, []).append((b.var, x, wd[0], wd[1], m, xd))
+    return found
+
+
+def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], spec: TargetSpec,
+                      func_name: str = "main"):
+    """-> (module, named weights, number of weights packed). See the module docstring."""
+    func = mod[func_name]
+    if spec.device != "cpu" or "num_input" not in (func.attrs or {}):
+        return mod, list(named_weights), 0
+    params = cpu_params(spec)
+    num_input = int(func.attrs["num_input"])
+    wvars = list(func.params[num_input:])
+    if len(wvars) != len(named_weights):
+        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    uses = _var_uses(func)
+    candidates = _gemv_bindings(func, set(wvars), params.gemv_max_rows)
+    index = {v: i for i, v in enumerate(wvars)}
+    packed: dict = {}  # old weight var -> (new var, panel width)
+    for w, sites in candidates.items():
+        if uses.get(w, 0) != len(sites):
+            continue  # also read by something that is not a GEMV (a prefill GEMM, a transpose, ...)
+        k, n = sites[0][2], sites[0][3]
+        bits = tvm.runtime.DataType(str(w.ty.dtype)).bits
+        nr = panel_width(n, params, bits)
+        if nr is None or nr == n:
+            continue  # one panel is the plain layout already
+        packed[w] = (relax.Var(w.name + "_panels", relax.TensorType([n // nr, k, nr], str(w.ty.dtype))), nr)
+    if not packed:
+        return mod, list(named_weights), 0
+
+    bb = relax.BlockBuilder()
+    replace: dict = {}
+    for w, sites in candidates.items():
+        if w not in packed:
+            continue
+        wp, nr = packed[w]
+        for var, x, k, n, m, xd in sites:
+            x2 = relax.DataflowVar(f"{var.name}_rows", relax.TensorType([m, k], str(x.ty.dtype)))
+            h = relax.DataflowVar(f"{var.name}_panels", relax.TensorType([m, n // nr, nr], str(x.ty.dtype)))
+            replace[var] = [
+                relax.VarBinding(x2, bb.normalize(relax.op.reshape(x, [m, k]))),
+                relax.VarBinding(h, bb.normalize(relax.op.einsum((x2, wp), "mk,pkj->mpj"))),
+                relax.VarBinding(var, bb.normalize(relax.op.reshape(h, xd[:-1] + [n]))),
+            ]
+    blocks = []
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            blocks.append(block)
+            continue
+        bindings = []
+        for b in block.bindings:
+            bindings += replace.get(b.var, [b])
+        blocks.append(relax.DataflowBlock(bindings, block.span))
+    body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+    new_params = list(func.params[:num_input])
+    named = []
+    for v, (name, arr) in zip(wvars, named_weights):
+        if v in packed:
+            wp, nr = packed[v]
+            new_params.append(wp)
+            named.append((name, pack_panels(arr, nr)))
+        else:
+            new_params.append(v)
+            named.append((name, arr))
+    assert len(named) == len(index)
+    new_func = bb.normalize(relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
+    out_mod = tvm.IRModule(dict(mod.functions_items()))
+    out_mod[func_name] = new_func
+    return out_mod, named, len(packed)
+
+
+def pack_for_build(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], spec: TargetSpec,
+                   func_name: str = "main"):
+    """The build's hook (after compression and merging): `pack_gemv_weights` unless EDGECC_PACK_GEMV=0."""
+    if os.environ.get("EDGECC_PACK_GEMV", "1") == "0":
+        return mod, list(named_weights)
+    mod, named, _ = pack_gemv_weights(mod, named_weights, spec, func_name)
+    return mod, named
