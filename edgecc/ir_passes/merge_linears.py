@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
 from edgecc.compress.schemes import STORAGE_TILE, QuantScheme, column_tile, tile_columns
+from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
 from edgecc.ir_passes.compression import LAYER_KEYS, QUANT_MATMUL, attrs_dict, quantized_matmul
 
 #: what can merge: float matmuls over weight parameters, edgecc.quantized_matmul calls
@@ -49,15 +50,6 @@ KINDS = ("matmul", "quant")
 BUILD_KINDS = ("quant",)
 #: annotation fields that differ between merged layers (summed or joined in the merged call)
 _PER_LAYER = set(LAYER_KEYS) | {"out_features"}
-
-
-def _const_int_dims(ty) -> list[int] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = list(ty.shape.values)
-    if not all(isinstance(d, tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
 
 
 class _Linear:
@@ -84,7 +76,7 @@ def _as_linear(binding, weight_index: dict) -> _Linear | None:
         out_dtype = call.attrs.out_dtype
         if out_dtype is not None and str(out_dtype) not in ("", "void", str(x_ty.dtype)):
             return None
-        w_dims = _const_int_dims(rest[0].ty)
+        w_dims = static_dims(rest[0].ty)
         if w_dims is None or len(w_dims) != 2 or str(rest[0].ty.dtype) != str(x_ty.dtype):
             return None
         return _Linear(binding.var, x, rest, w_dims[1], ("matmul", str(x_ty.dtype), w_dims[0]))
@@ -92,7 +84,7 @@ def _as_linear(binding, weight_index: dict) -> _Linear | None:
         attrs = attrs_dict(call.attrs)
         scheme = tuple(sorted((k, repr(v)) for k, v in attrs.items() if k not in _PER_LAYER))
         # the packed tensors' own shapes (minus the N axis) must agree too, so the concatenation is exact
-        dims = [_const_int_dims(a.ty) for a in rest]
+        dims = [static_dims(a.ty) for a in rest]
         if any(d is None or len(d) != 3 for d in dims):
             return None
         inner = tuple((tuple(d[1:2]), str(a.ty.dtype)) for d, a in zip(dims, rest))
@@ -255,16 +247,7 @@ def merge_linears(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]]
         replace[group[0].var] = [relax.VarBinding(out, call), slices[0]]
         for g, b in zip(group[1:], slices[1:]):
             replace[g.var] = [b]
-    blocks = []
-    for block in func.body.blocks:
-        if not isinstance(block, relax.DataflowBlock):
-            blocks.append(block)
-            continue
-        bindings = []
-        for b in block.bindings:
-            bindings += replace.get(b.var, [b])
-        blocks.append(relax.DataflowBlock(bindings, block.span))
-    body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+    body = replace_bindings(func, replace)
     still_used = set(relax.analysis.free_vars(body))
     params = list(func.params[:num_input])
     named = []
@@ -275,10 +258,7 @@ def merge_linears(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]]
         for mname, mvar, marr in new_weights.get(v, []):
             params.append(mvar)
             named.append((mname, marr))
-    new_func = bb.normalize(relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
-    out_mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else tvm.IRModule(dict(mod.functions_items()))
-    out_mod[func_name] = new_func
-    return out_mod, named, len(groups)
+    return with_function(mod, func_name, func, params, body, bb), named, len(groups)
 
 
 def merge_for_build(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], func_name: str = "main"):

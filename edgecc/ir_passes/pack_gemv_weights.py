@@ -28,8 +28,9 @@ import os
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 
+from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
 from edgecc.schedules.params import CpuParams, cpu_params
 from edgecc.targets.registry import TargetSpec
 
@@ -48,16 +49,6 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
     """[K, N] -> [N / nr, K, nr] (column panel p holds columns p*nr .. p*nr+nr-1, row by row)."""
     k, n = w.shape
     return np.ascontiguousarray(w.reshape(k, n // nr, nr).transpose(1, 0, 2))
-
-
-def _static_dims(expr) -> list[int] | None:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = list(ty.shape.values)
-    if not all(isinstance(d, tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
 
 
 def _var_uses(func: relax.Function) -> dict:
@@ -85,7 +76,7 @@ def _gemv_bindings(func: relax.Function, weights: set, max_rows: int) -> dict:
             x, w = call.args
             if w not in weights:
                 continue
-            xd, wd = _static_dims(x), _static_dims(w)
+            xd, wd = static_dims(x.ty), static_dims(w.ty)
             if xd is None or wd is None or len(wd) != 2 or len(xd) < 1 or xd[-1] != wd[0]:
                 continue
             x_dtype, w_dtype = str(x.ty.dtype), str(w.ty.dtype)
@@ -114,7 +105,6 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
         raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
     uses = _var_uses(func)
     candidates = _gemv_bindings(func, set(wvars), params.gemv_max_rows)
-    index = {v: i for i, v in enumerate(wvars)}
     packed: dict = {}  # old weight var -> (new var, panel width)
     for w, sites in candidates.items():
         if uses.get(w, 0) != len(sites):
@@ -142,16 +132,7 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
                 relax.VarBinding(h, bb.normalize(relax.op.einsum((x2, wp), "mk,pkj->mpj"))),
                 relax.VarBinding(var, bb.normalize(relax.op.reshape(h, xd[:-1] + [n]))),
             ]
-    blocks = []
-    for block in func.body.blocks:
-        if not isinstance(block, relax.DataflowBlock):
-            blocks.append(block)
-            continue
-        bindings = []
-        for b in block.bindings:
-            bindings += replace.get(b.var, [b])
-        blocks.append(relax.DataflowBlock(bindings, block.span))
-    body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+    body = replace_bindings(func, replace)
     new_params = list(func.params[:num_input])
     named = []
     for v, (name, arr) in zip(wvars, named_weights):
@@ -162,11 +143,7 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
         else:
             new_params.append(v)
             named.append((name, arr))
-    assert len(named) == len(index)
-    new_func = bb.normalize(relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
-    out_mod = tvm.IRModule(dict(mod.functions_items()))
-    out_mod[func_name] = new_func
-    return out_mod, named, len(packed)
+    return with_function(mod, func_name, func, new_params, body, bb), named, len(packed)
 
 
 def pack_for_build(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], spec: TargetSpec,

@@ -12,27 +12,10 @@ operand) are not matched: `depthwise.GroupedConvRule`, next in the rule list, ta
 
 from __future__ import annotations
 
-from tvm import s_tir
-
-from edgecc.schedules import base, contraction
 from edgecc.schedules.matmul import Matmul
-from edgecc.schedules.params import CpuParams
-from edgecc.targets.registry import TargetSpec
 
 
 class Conv2d(Matmul):
     name = "conv2d"
     want_plain_s = False  # the input operand is indexed by y*s + ry, x*s + rx
-
-    def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams):
-        def attempt(work: s_tir.Schedule, fuse_epilogue: bool):
-            main = self._prepare(work)
-            if main is None:
-                return None
-            c = contraction.analyze(work, main, params.lanes())
-            if c is None or c.s_plain:
-                return None
-            contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue, k_block=True)
-            return work
-
-        return base.with_epilogue_fallback(sch.mod, attempt)
+    k_block = True  # small outputs with long reductions: chunk the reduction (contraction.schedule)

@@ -43,6 +43,7 @@ def _has_if_then_else(sch, block) -> bool:
 class Matmul(base.ScheduleRule):
     name = "matmul"
     want_plain_s = True  # both operands indexed by plain vars (einsum)
+    k_block = False  # split long reductions into chunks (contraction.schedule): the conv rule turns it on
 
     def _prepare(self, sch: s_tir.Schedule):
         found = find_contraction_block(sch)
@@ -63,7 +64,7 @@ class Matmul(base.ScheduleRule):
             c = contraction.analyze(work, main, params.lanes())
             if c is None or c.s_plain != self.want_plain_s:
                 return None
-            contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue)
+            contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue, k_block=self.k_block)
             return work
 
         return base.with_epilogue_fallback(sch.mod, attempt)

@@ -1,0 +1,43 @@
+"""Rebuild a Relax function after replacing some of its bindings: shared by the build-time weight rewrites.
+
+`merge_linears` and `pack_gemv_weights` both swap single bindings for a few new ones (and weight
+parameters for new ones); this is the part of that which has nothing to do with either rewrite.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+
+
+def replace_bindings(func: relax.Function, replace: dict) -> relax.SeqExpr:
+    """`func`'s body with each dataflow binding whose var is a key of `replace` swapped for its list."""
+    blocks = []
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            blocks.append(block)
+            continue
+        bindings = []
+        for b in block.bindings:
+            bindings += replace.get(b.var, [b])
+        blocks.append(relax.DataflowBlock(bindings, block.span))
+    return relax.SeqExpr(blocks, func.body.body, func.body.span)
+
+
+def with_function(mod: tvm.IRModule, func_name: str, func: relax.Function, params: list,
+                  body: relax.SeqExpr, bb: relax.BlockBuilder) -> tvm.IRModule:
+    """A copy of `mod` whose `func_name` is `func` with new `params` and `body` (same attrs, purity, type)."""
+    new_func = bb.normalize(relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
+    out = tvm.IRModule(dict(mod.functions_items()))
+    out[func_name] = new_func
+    return out
+
+
+def static_dims(ty) -> list[int] | None:
+    """The dims of a tensor type when all are constants, else None (symbolic or unknown shape)."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = list(ty.shape.values)
+    if not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d) for d in dims]
