@@ -86,7 +86,7 @@ def build(onnx_path: Path, target: str, schedules: bool):
     import tvm
     from tvm import relax
 
-    from edgecc.build import _run_weight_transforms, _split_transform_params
+    from edgecc.build import lift_weight_transforms, rewrite_weights
     from edgecc.frontend.importer import import_model
     from edgecc.frontend.loader import load_model
     from edgecc.frontend.signature import bind_dims, read_signature
@@ -97,10 +97,9 @@ def build(onnx_path: Path, target: str, schedules: bool):
     model = load_model(onnx_path)
     sig = bind_dims(read_signature(model), {})
     imported = import_model(model, sig)
-    deploy, transform = _split_transform_params(imported.mod)
-    weights = [w for _, w in imported.params]
-    if transform is not None:
-        weights = _run_weight_transforms(transform, weights)
+    deploy, _transform, named = lift_weight_transforms(imported)
+    deploy, named = rewrite_weights(deploy, named, spec)  # merged linears, GEMV weight panels: as the build
+    weights = [w for _, w in named]
     with spec.tvm():
         fused = tvm.transform.Sequential(legalize_and_fuse_passes())(deploy)
     lowered = relax_pipeline(spec, with_schedules=schedules)(deploy)

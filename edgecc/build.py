@@ -85,6 +85,17 @@ def lift_weight_transforms(imported):
     return deploy_mod, transform_mod, list(zip(weight_names, weights))
 
 
+def rewrite_weights(deploy_mod, named_weights, spec: TargetSpec):
+    """The build-time weight rewrites after compression: q/k/v and gate/up merged into one matmul each, then
+    GEMV weights stored as column panels. `edgecc tune` and the kernel profiler call this too, so the kernels
+    they time are the ones a build has. (LLM builds merge only: see `build_llm._import_graph`.)"""
+    from edgecc.ir_passes.merge_linears import merge_for_build
+    from edgecc.ir_passes.pack_gemv_weights import pack_for_build
+
+    deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)
+    return pack_for_build(deploy_mod, named_weights, spec)
+
+
 def check_build_request(target: str, out_dir, force: bool) -> tuple[TargetSpec, Path]:
     """Fail before any work on an unknown target, an existing -o without --force, or missing build tools."""
     out_dir = Path(out_dir)
@@ -197,12 +208,7 @@ def build_artifact(
                 deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params],
                 method=method, calibration=(onnx_path, calib, calib_text, None))
 
-    from edgecc.ir_passes.merge_linears import merge_for_build
-
-    deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)  # q/k/v, gate/up: one matmul each
-    from edgecc.ir_passes.pack_gemv_weights import pack_for_build
-
-    deploy_mod, named_weights = pack_for_build(deploy_mod, named_weights, spec)  # GEMV weights -> column panels
+    deploy_mod, named_weights = rewrite_weights(deploy_mod, named_weights, spec)
     with stage("lower"):
         from edgecc.ir_passes.memory_plan import module_memory
         from edgecc.ir_passes.pipeline import relax_pipeline

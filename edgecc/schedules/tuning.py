@@ -605,7 +605,8 @@ def _run_ms(run_secs) -> float | None:
 
 
 def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] | None = None):
-    """The model as `build_artifact` sees it right before scheduling: imported, weights lifted, legalized+fused.
+    """The model as `build_artifact` sees it right before scheduling: imported, weights lifted and rewritten
+    (`build.rewrite_weights`), legalized+fused.
 
     The stages before FuseTIR must be `relax_pipeline`'s exactly (vendor partitioning, attention fusion on
     CPU targets): a kernel the build never has (attention's q K^T, softmax, head transposes) is a task whose
@@ -613,7 +614,7 @@ def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] |
     """
     import tvm
 
-    from edgecc.build import _split_transform_params
+    from edgecc.build import lift_weight_transforms, rewrite_weights
     from edgecc.frontend.importer import import_model
     from edgecc.frontend.loader import load_model
     from edgecc.frontend.signature import bind_dims, read_signature
@@ -625,7 +626,8 @@ def fused_module(onnx_path: str | Path, spec: TargetSpec, dims: dict[str, int] |
     signature = bind_dims(read_signature(model), dims or {})
     imported = import_model(model, signature)
     del model
-    deploy_mod, _transform = _split_transform_params(imported.mod)
+    deploy_mod, _transform, named_weights = lift_weight_transforms(imported)
+    deploy_mod, _ = rewrite_weights(deploy_mod, named_weights, spec)  # the GEMVs a build has (weight panels)
     fused = [fuse_attention_pass(spec)] if applies_to(spec) else []
     stages = byoc_passes(spec) + fused + legalize_and_fuse_passes()
     with spec.tvm():
