@@ -31,18 +31,15 @@ import tvm
 from tvm import relax
 
 from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
+from edgecc.schedules.contraction import half_vector_width
 from edgecc.schedules.params import CpuParams, cpu_params
 from edgecc.targets.registry import TargetSpec
 
 
 def panel_width(n: int, params: CpuParams, dtype_bits: int) -> int | None:
-    """The panel width for an N-wide weight: `gemv_nr`, else the widest whole half-vector multiple dividing N."""
-    nr = params.gemv_nr(dtype_bits)
-    if n % nr == 0:
-        return nr
-    half = max(1, params.lanes(dtype_bits) // 2)
-    fits = [w for w in range(nr - half, half - 1, -half) if n % w == 0]
-    return fits[0] if fits else None
+    """The panel width for an N-wide weight: the GEMV schedule's tile when it divides N (`gemv_nr`, else the
+    widest whole number of half-vectors that does), so the schedule never pads a panel."""
+    return half_vector_width(n, params.gemv_nr(dtype_bits), params.lanes(dtype_bits))
 
 
 def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
@@ -64,7 +61,7 @@ def _var_uses(func: relax.Function) -> dict:
 
 
 def _gemv_bindings(func: relax.Function, weights: set, max_rows: int) -> dict:
-    """weight param -> [(binding var, x, K, N, M)] for every `R.matmul(x, W)` that is a GEMV on W."""
+    """weight param -> [(binding var, x, K, N, M, x dims)] for every `R.matmul(x, W)` that is a GEMV on W."""
     found: dict = {}
     for block in func.body.blocks:
         if not isinstance(block, relax.DataflowBlock):

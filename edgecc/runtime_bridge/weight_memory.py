@@ -7,7 +7,7 @@ huge pages only when the system-wide THP mode is `always`; most distributions (a
 `madvise`. Here all weights of an artifact are copied into one anonymous mapping that is `madvise`d
 MADV_HUGEPAGE *before* it is touched, so the kernel backs it with 2 MiB pages from the first write, and each
 weight becomes a zero-copy `tvm.runtime.Tensor` view of it (DLPack). Measured on the GPT-2-style decode step
-(2 threads, load ~1): 12.9 -> 11.5 ms back to back, 14.9 -> 13.6 ms after a 0.2 s pause (see docs/status.md).
+(2 threads, load ~0.5, 0.2 s pause before each step, `EDGECC_HUGEPAGES=0` vs 1): 14.6 -> 13.7 ms (docs/status.md).
 
 Falls back to ordinary TVM tensors where this does not apply (no `mmap.MADV_HUGEPAGE`: macOS, Windows; a
 device other than the CPU), or when `EDGECC_HUGEPAGES=0`. The C API (`runtime_bridge/capi`) does the same

@@ -217,6 +217,13 @@ def choose_tile_width(n: int, nr: int, lanes: int) -> tuple[int, bool]:
     return nr, True
 
 
+def half_vector_width(n: int, widest: int, lanes: int) -> int | None:
+    """The widest tile of whole half-vectors, at most `widest`, that divides `n` (1000, 64, 16 -> 40), or None."""
+    half = max(1, lanes // 2)
+    fits = [w for w in range(widest, half - 1, -half) if n % w == 0]
+    return fits[0] if fits else None
+
+
 def choose_row_tile(m: int, mr: int) -> int:
     """Rows of the register tile: `mr`, or a slightly smaller divisor of `m` (down to mr/2 + 1) so that no
     tile is partial (conv output widths 7, 14, 28 take 7 rows: no predicated tail tile)."""
@@ -258,10 +265,9 @@ def schedule(
     if pad and gemv:
         # a matrix-vector product is memory-bound: padding would copy the whole matrix on every call, so
         # take a tile of whole half-vectors that divides the axis instead (1000 -> 40 = 2.5 vectors)
-        half = max(1, lanes // 2)
-        fits = [w for w in range(nr_target, half - 1, -half) if n_ext % w == 0]
-        if fits:
-            nr, pad = fits[0], False
+        fit = half_vector_width(n_ext, nr_target, lanes)
+        if fit is not None:
+            nr, pad = fit, False
     if pad and not (allow_pad and c.v_packable and c.s_plain):
         # pad_einsum needs plain indices everywhere: try half / quarter vectors instead
         narrow = [w for w in (lanes // 2, lanes // 4) if w >= 4 and n_ext % w == 0]
