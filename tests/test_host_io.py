@@ -1,0 +1,100 @@
+"""`LoadedArtifact.run` passes numpy inputs to TVM without a copy where it can and returns the VM's outputs as
+numpy views, but never hands the caller memory it must not write: a weight, an input, or another output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edgecc.build import build_artifact  # noqa: E402
+from edgecc.runtime_bridge.host import load_artifact  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """y = relu(x @ w + b); passthrough = Identity(x); const = Identity(c) (a weight); y twice as outputs."""
+    tmp = tmp_path_factory.mktemp("io")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48)).astype("float32")
+    b = rng.standard_normal((48,)).astype("float32")
+    c = rng.standard_normal((4, 32)).astype("float32")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["y"]), helper.make_node("Identity", ["y"], ["y2"]),
+             helper.make_node("Identity", ["x"], ["passthrough"]), helper.make_node("Identity", ["c"], ["const"])]
+    graph = helper.make_graph(
+        nodes, "io", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48]),
+         helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 48]),
+         helper.make_tensor_value_info("passthrough", TensorProto.FLOAT, [2, 64]),
+         helper.make_tensor_value_info("const", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(c, "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp / "io.onnx"
+    onnx.save(model, path)
+    build_artifact(str(path), str(tmp / "out"), target="host")
+    return tmp / "out", w, b, c
+
+
+def _aligned(shape, offset_bytes=0):
+    """A float32 array whose data starts `offset_bytes` past a 64-byte boundary."""
+    n = int(np.prod(shape))
+    raw = np.empty(n * 4 + 128, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset_bytes
+    return raw[start:start + n * 4].view(np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("layout", ["aligned", "misaligned", "read-only", "strided"])
+def test_inputs_any_layout_outputs_never_alias(artifact, layout):
+    out_dir, w, b, c = artifact
+    m = load_artifact(out_dir)
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((2, 64)).astype("float32")
+    if layout == "aligned":
+        x = _aligned((2, 64))
+        x[...] = values
+        assert x.ctypes.data % 64 == 0
+    elif layout == "misaligned":
+        x = _aligned((2, 64), offset_bytes=4)
+        x[...] = values
+    elif layout == "read-only":
+        x = values.copy()
+        x.flags.writeable = False
+    else:
+        x = np.repeat(values, 2, axis=1)[:, ::2]
+    before = x.copy()
+    outs = m.run({"x": x})
+    ref = np.maximum(values.astype(np.float64) @ w + b, 0)
+    np.testing.assert_allclose(outs["y"], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs["y2"], outs["y"])
+    np.testing.assert_array_equal(outs["passthrough"], values)
+    np.testing.assert_array_equal(outs["const"], c)
+    np.testing.assert_array_equal(x, before)  # the model did not write its input
+    # no two results share memory, and none shares memory with the input
+    arrays = list(outs.values())
+    for i, a in enumerate(arrays):
+        assert not np.shares_memory(a, x)
+        for other in arrays[i + 1:]:
+            assert not np.shares_memory(a, other)
+    # writing every result leaves the next run's results (weights included) unchanged
+    for a in arrays:
+        a[...] = -1.0
+    again = m.run({"x": values})
+    np.testing.assert_allclose(again["y"], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(again["const"], c)
+
+
+def test_aligned_writable_inputs_are_not_copied():
+    import tvm
+
+    from edgecc.runtime_bridge.host import to_device_tensor
+
+    x = _aligned((3, 40))
+    x[...] = 1.5
+    assert np.from_dlpack(to_device_tensor(x, tvm.cpu())).ctypes.data == x.ctypes.data
+    odd = _aligned((3, 40), offset_bytes=4)
+    t = to_device_tensor(odd, tvm.cpu())
+    assert np.from_dlpack(t).ctypes.data != odd.ctypes.data  # TVM takes 64-byte aligned buffers only: a copy
+    np.testing.assert_array_equal(t.numpy(), odd)
