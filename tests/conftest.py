@@ -150,3 +150,13 @@ def pack_low_bits_first(q: np.ndarray, bits: int) -> np.ndarray:
     for i in range(per):
         out |= (q[..., i] << (i * bits)).astype(np.uint8)
     return out
+
+
+@pytest.fixture(scope="module")
+def neon_runs():
+    """Skip where arm-neon code cannot run here (no cross compiler or no qemu; scripts/install.sh sets them up)."""
+    from edgecc.targets.registry import get_target
+
+    status = get_target("arm-neon").sdk_status()
+    if not status.can_run:
+        pytest.skip(f"arm-neon cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")

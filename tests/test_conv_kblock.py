@@ -87,32 +87,17 @@ def test_k_chunk_choice():
     assert _k_chunk(contraction(steps, 7, 1), params, nr, 7, 16) is None  # one chunk
 
 
-@pytest.fixture(scope="module")
-def neon_runs():
-    status = get_target("arm-neon").sdk_status()
-    if not status.can_run:
-        pytest.skip(f"arm-neon cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")
-
-
 @pytest.mark.cross
 def test_conv2d_k_blocked_neon_under_qemu(neon_runs, tmp_path):
     # 128-bit vectors: 8-wide panels, chunks of 512 steps; 1040 channels -> 4 chunks of 260, 17 panels
-    import tvm
-
-    from edgecc.ir_passes.pipeline import relax_pipeline
-    from edgecc.runtime_bridge.emulated import run_emulated
-    from edgecc.runtime_bridge.params_file import write_params
-    from tests.test_schedules import _scheduled
+    from tests.test_schedules import _scheduled, run_on_neon
 
     neon = get_target("arm-neon")
     c, h, w, f = 1040, 5, 6, 136
     mod = _module([("x", (1, c, h, w)), ("k", (f, c, 1, 1)), ("b", (1, f, 1, 1))],
                   lambda bb, x, k, b: R.nn.relu(bb.emit(R.add(bb.emit(R.nn.conv2d(x, k)), b))))
     assert _is_k_blocked(_scheduled(mod, neon))
-    ex = tvm.compile(mod, target=neon.tvm(), relax_pipeline=relax_pipeline(neon))
-    ex.export_library(str(tmp_path / "model.so"), fcompile=tvm.support.cc.cross_compiler(neon.cross_compiler))
-    write_params(tmp_path / "params.bin", [])
     arrays = [_rand(1, c, h, w), _rand(f, c, 1, 1), _rand(1, f, 1, 1)]
-    (got,) = run_emulated(tmp_path, neon, arrays)
+    got = run_on_neon(mod, arrays, tmp_path)
     want = np.maximum(_conv_ref64(*[a.astype(np.float64) for a in arrays[:2]], 1, 0) + arrays[2], 0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

@@ -237,25 +237,14 @@ def test_register_tile_fits_half_the_register_file(name):
 CROSS = ["dw3x3_c17_13x13_s2_relu6", "gconv1x1_g3_c12_f9_7x13"]
 
 
-@pytest.fixture(scope="module")
-def neon_runs():
-    status = NEON.sdk_status()
-    if not status.can_run:
-        pytest.skip(f"arm-neon cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")
-
-
 @pytest.mark.cross
 @pytest.mark.parametrize("name", CROSS)
 def test_grouped_conv_neon_under_qemu(name, neon_runs, tmp_path):
-    from edgecc.runtime_bridge.emulated import run_emulated
-    from edgecc.runtime_bridge.params_file import write_params
+    from tests.test_schedules import run_on_neon
 
     mod, inputs, ref = _case(name)
     assert "grouped_conv" in schedule_report(_scheduled(mod, NEON)).values()
-    ex = tvm.compile(mod, target=NEON.tvm(), relax_pipeline=relax_pipeline(NEON))
-    ex.export_library(str(tmp_path / "model.so"), fcompile=tvm.support.cc.cross_compiler(NEON.cross_compiler))
-    write_params(tmp_path / "params.bin", [])
     arrays = _arrays(inputs, len(name))
-    (got,) = run_emulated(tmp_path, NEON, arrays)
+    got = run_on_neon(mod, arrays, tmp_path)
     want = ref(*[a.astype(np.float64) for a in arrays])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ from tvm.script import relax as R
 from edgecc.schedules import SCHEDULE_ATTR, cpu_params
 from edgecc.schedules.panel_gemv import PREFETCH_BYTES, match_panel_einsum
 from edgecc.targets.registry import get_target
-from tests.test_schedules import HOST, _check, _module, _rand, _scheduled
+from tests.test_schedules import HOST, _check, _module, _rand, _scheduled, run_on_neon
 
 LANES = cpu_params(HOST).lanes()
 
@@ -72,28 +72,12 @@ def test_match_reports_the_shapes():
     assert [match_panel_einsum(f) for f in funcs] == [(2, 40, 3, 16, "float32")]
 
 
-@pytest.fixture(scope="module")
-def neon_runs():
-    status = get_target("arm-neon").sdk_status()
-    if not status.can_run:
-        pytest.skip(f"arm-neon cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")
-
-
 @pytest.mark.cross
 def test_panel_gemv_neon_under_qemu(neon_runs, tmp_path):
-    import tvm
-
-    from edgecc.ir_passes.pipeline import relax_pipeline
-    from edgecc.runtime_bridge.emulated import run_emulated
-    from edgecc.runtime_bridge.params_file import write_params
-
     neon = get_target("arm-neon")
     m, k, panels, nr = 2, 301, 3, 4 * cpu_params(neon).lanes()
     mod = _panel_module(m, k, panels, nr)
     assert _rules(_scheduled(mod, neon)) == ["panel_gemv"]
-    ex = tvm.compile(mod, target=neon.tvm(), relax_pipeline=relax_pipeline(neon))
-    ex.export_library(str(tmp_path / "model.so"), fcompile=tvm.support.cc.cross_compiler(neon.cross_compiler))
-    write_params(tmp_path / "params.bin", [])
     arrays = [_rand(m, k), _rand(panels, k, nr, seed=1)]
-    (got,) = run_emulated(tmp_path, neon, arrays)
+    got = run_on_neon(mod, arrays, tmp_path)
     np.testing.assert_allclose(got, _panel_ref(*[a.astype(np.float64) for a in arrays]), rtol=1e-4, atol=1e-4)

@@ -79,6 +79,19 @@ def _check(mod, inputs, ref, expect_rule, *, rtol=1e-4, atol=1e-4):
     return sched
 
 
+def run_on_neon(mod, arrays, tmp_path):
+    """Compile `mod` (weights as inputs) for arm-neon and run it under qemu on `arrays`: its one output."""
+    from edgecc.runtime_bridge.emulated import run_emulated
+    from edgecc.runtime_bridge.params_file import write_params
+
+    neon = get_target("arm-neon")
+    ex = tvm.compile(mod, target=neon.tvm(), relax_pipeline=relax_pipeline(neon))
+    ex.export_library(str(tmp_path / "model.so"), fcompile=tvm.support.cc.cross_compiler(neon.cross_compiler))
+    write_params(tmp_path / "params.bin", [])
+    (got,) = run_emulated(tmp_path, neon, arrays)
+    return got
+
+
 def _rand(*shape, seed=0):
     return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype("float32")
 

@@ -12,11 +12,10 @@ import pytest
 import tvm
 from tvm import relax
 
-from edgecc.ir_passes.pipeline import legalize_and_fuse_passes, relax_pipeline
-from edgecc.runtime_bridge.params_file import write_params
+from edgecc.ir_passes.pipeline import legalize_and_fuse_passes
 from edgecc.schedules import cpu_schedule_passes, schedule_report
 from edgecc.targets.registry import get_target
-from test_schedules import _module  # the same Relax module builder as the host tests
+from test_schedules import _module, run_on_neon  # the same helpers as the host tests
 
 R = relax.op
 NEON = get_target("arm-neon")
@@ -72,28 +71,16 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def neon_runs():
-    status = NEON.sdk_status()
-    if not status.can_run:
-        pytest.skip(f"arm-neon cannot run here: {status.how_it_runs} (scripts/install.sh sets it up)")
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_neon_schedule_numerics_under_qemu(case, neon_runs, tmp_path):
-    from edgecc.runtime_bridge.emulated import run_emulated
-
     inputs, body, ref, rule = CASES[case]
     mod = _module(inputs, body)
     with NEON.tvm():
         scheduled = tvm.transform.Sequential(legalize_and_fuse_passes() + cpu_schedule_passes(NEON))(mod)
     assert rule in schedule_report(scheduled).values(), schedule_report(scheduled)
 
-    ex = tvm.compile(mod, target=NEON.tvm(), relax_pipeline=relax_pipeline(NEON))
-    ex.export_library(str(tmp_path / "model.so"), fcompile=tvm.support.cc.cross_compiler(NEON.cross_compiler))
-    write_params(tmp_path / "params.bin", [])
     rng = np.random.default_rng(len(case))
     arrays = [rng.standard_normal(shape).astype("float32") for _, shape in inputs]
-    (got,) = run_emulated(tmp_path, NEON, arrays)
+    got = run_on_neon(mod, arrays, tmp_path)
     want = ref(*[a.astype(np.float64) for a in arrays])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
