@@ -89,12 +89,22 @@ def test_inputs_any_layout_outputs_never_alias(artifact, layout):
 def test_aligned_writable_inputs_are_not_copied():
     import tvm
 
-    from edgecc.runtime_bridge.host import to_device_tensor
+    from edgecc.runtime_bridge.host import InputTensors
 
+    inputs = InputTensors(tvm.cpu())
     x = _aligned((3, 40))
     x[...] = 1.5
-    assert np.from_dlpack(to_device_tensor(x, tvm.cpu())).ctypes.data == x.ctypes.data
     odd = _aligned((3, 40), offset_bytes=4)
-    t = to_device_tensor(odd, tvm.cpu())
-    assert np.from_dlpack(t).ctypes.data != odd.ctypes.data  # TVM takes 64-byte aligned buffers only: a copy
-    np.testing.assert_array_equal(t.numpy(), odd)
+    odd[...] = np.arange(120, dtype=np.float32).reshape(3, 40)
+    t_x, t_odd = inputs([x, odd])
+    assert np.from_dlpack(t_x).ctypes.data == x.ctypes.data  # numpy's own buffer
+    # TVM takes 64-byte aligned buffers only: a copy, into the same kept tensor on every call
+    assert np.from_dlpack(t_odd).ctypes.data != odd.ctypes.data
+    np.testing.assert_array_equal(t_odd.numpy(), odd)
+    odd[...] = -2.0
+    _, again = inputs([x, odd])
+    assert np.from_dlpack(again).ctypes.data == np.from_dlpack(t_odd).ctypes.data
+    np.testing.assert_array_equal(again.numpy(), odd)
+    # another shape gets another tensor
+    (other,) = inputs([_aligned((2, 5), offset_bytes=4)])
+    assert tuple(other.shape) == (2, 5)
