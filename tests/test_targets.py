@@ -7,12 +7,13 @@ import shutil
 import subprocess
 from importlib import metadata
 
+import numpy as np
 import pytest
 
 from edgecc.errors import EdgeccError
 from edgecc.targets.registry import TargetSpec, all_targets, get_target
 
-REQUIRED = ["host", "x86-avx2", "x86-avx512", "arm-neon", "arm-dotprod", "arm-i8mm", "riscv64-rvv", "cuda"]
+REQUIRED = ["host", "x86-avx2", "x86-avxvnni", "x86-avx512", "arm-neon", "arm-dotprod", "arm-i8mm", "riscv64-rvv", "cuda"]
 
 
 def test_registry_has_the_required_targets():
@@ -135,6 +136,30 @@ def test_cross_build_is_target_elf_with_vector_code(name, machine, mnemonics, tm
     asm = _disassembly(spec, out / "model.so")
     for mnemonic in mnemonics:
         assert mnemonic in asm, f"{mnemonic} not in the {name} disassembly"
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4g32a8"])
+def test_avxvnni_target_uses_vex_dot_products(tmp_path, scheme):
+    """x86-avxvnni (Alder Lake: AVX-VNNI, no AVX-512): the int8 dot-product kernels in their VEX (ymm) form, no
+    zmm anywhere; where this CPU has AVX-VNNI the build runs here and computes what the host build computes."""
+    from edgecc.build import build_artifact
+    from edgecc.runtime_bridge.host import load_artifact
+    from tests.conftest import export_mlp_onnx
+
+    onnx_path, w = export_mlp_onnx(tmp_path / "mlp.onnx", k=96, hidden=64, n=40, batch=1)
+    spec = get_target("x86-avxvnni")
+    build_artifact(onnx_path, tmp_path / "vnni", target=spec.name, quantize=scheme)
+    asm = _disassembly(spec, tmp_path / "vnni" / "model.so")
+    assert "{vex} vpdpbusd" in asm and "zmm" not in asm
+    if "avx_vnni" not in get_target("host").features:
+        pytest.skip("this CPU has no AVX-VNNI: built and disassembled only")
+    build_artifact(onnx_path, tmp_path / "host", target="host", quantize=scheme)
+    x = np.random.default_rng(5).standard_normal((1, 96)).astype(np.float32)
+    got = load_artifact(tmp_path / "vnni").run({"x": x})["y"]
+    np.testing.assert_allclose(got, load_artifact(tmp_path / "host").run({"x": x})["y"], rtol=1e-4, atol=1e-4)
+    # and both are the fp32 model up to the quantization error (4-bit codes of Gaussian weights: ~9% per layer)
+    ref = np.maximum(x.astype(np.float64) @ w["w1"] + w["b1"], 0) @ w["w2t"] + w["b2"]
+    assert np.linalg.norm(got - ref) < (0.05 if scheme == "w8a8" else 0.2) * np.linalg.norm(ref)
 
 
 def test_avx512_build_uses_zmm(tmp_path):

@@ -35,6 +35,15 @@ SCHEDULE_NAME = "edgecc.int4_dot"
 PREFETCH_BYTES = 4096
 
 
+def target_isa(target) -> str | None:
+    """The dot-product ISA this kernel uses on a TVM target: AVX-512 VNNI, AVX-VNNI (ymm, no AVX-512) or Arm
+    dotprod (i8mm CPUs have dotprod too; smmla pairs rows, which a GEMV does not have)."""
+    from edgecc.schedules.int8_dot import target_int8_isa
+
+    isa = target_int8_isa(target)
+    return "dotprod" if isa == "i8mm" else isa
+
+
 def supports(isa: str | None, bits: int, group: int, k: int, n: int, tile: int) -> bool:
     """Whether the kernel covers a [K, N] 4-bit weight in groups of `group`, stored in column tiles of `tile`."""
     return (isa in DOT_ISAS and bits == 4 and group % 8 == 0 and k % group == 0 and n % tile == 0

@@ -42,7 +42,7 @@ DOT_ISAS = {
     "avx512_vnni": (16, "llvm.x86.avx512.vpdpbusd.512"),
     "dotprod": (4, "llvm.aarch64.neon.sdot.v4i32.v16i8"),
     # AVX-VNNI (VEX, AVX2 CPUs without AVX-512: Alder Lake and newer client cores): the same intrinsic on ymm,
-    # which LLVM encodes as VEX without AVX-512VL. Picked by `int8_isa` only, not `dot_isa` (int4_dot's).
+    # which LLVM encodes as VEX without AVX-512VL. Picked by `int8_isa` (and `int4_dot.target_isa`), not `dot_isa`.
     "avxvnni": (8, "llvm.x86.avx512.vpdpbusd.256"),
 }
 #: Arm i8mm: the 2x8 by 8x2 int8 matrix multiply-accumulate (not a broadcast dot product: not in DOT_ISAS,

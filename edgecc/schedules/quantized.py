@@ -325,7 +325,7 @@ def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tv
     if schedule and scheme.act_bits == 8 and scheme.bits == 4 and x_dtype == "float32" and not panel_rows(m):
         from edgecc.schedules import int4_dot
 
-        isa = int4_dot.target_dot_isa(target)
+        isa = int4_dot.target_isa(target)
         tile = scheme.stored_shapes(k, n)["scales"][0][2]
         if int4_dot.supports(isa, scheme.bits, scheme.group_for(k), k, n, tile):
             return int4_dot.int4_dot_matmul_kernel(k, n, scheme.group_for(k), tile, isa, scheme.symmetric,

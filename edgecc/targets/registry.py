@@ -170,6 +170,16 @@ _BUILTIN: tuple[TargetSpec, ...] = (
         vector_mnemonics=("vfmadd", "ymm"),
     ),
     TargetSpec(
+        name="x86-avxvnni",
+        description="x86-64 with AVX2 + AVX-VNNI, no AVX-512 (Alder Lake, Raptor Lake, Meteor Lake laptops and "
+                    "desktops): int8 dot products on 256-bit vectors",
+        arch="x86_64",
+        tvm_target={"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"},
+        features=("avx", "avx2", "fma", "f16c", "avx_vnni"),
+        vector_bits=256,
+        vector_mnemonics=("vfmadd", "ymm"),
+    ),
+    TargetSpec(
         name="x86-avx512",
         description="x86-64 with AVX-512 F/BW/VL/VNNI (Cascade Lake and newer, Zen 4+)",
         arch="x86_64",
