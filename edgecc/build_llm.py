@@ -75,7 +75,7 @@ def _import_graph(role: str, path: Path, quantize: str | None, method: str | Non
 
         deploy_mod, named_weights, compression = compress_for_build(
             deploy_mod, named_weights, quantize, transform_mod, [n for n, _ in imported.params],
-            method=method, calibration=calibration)
+            method=method, calibration=calibration, graph_path=path)
     from edgecc.ir_passes.merge_linears import merge_for_build
 
     deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)  # q/k/v, gate/up: one matmul each

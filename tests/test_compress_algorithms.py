@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecc.compress.awq import quantize_awq
+from edgecc.compress.awq import clip_for, quantize_awq
 from edgecc.compress.calibration import ActStats, collect_torch, text_chunks
 from edgecc.compress.gptq import quantize_gptq
 from edgecc.compress.grid import output_error
@@ -153,6 +153,43 @@ def test_awq_sink_weight_lowers_the_first_positions_error():
     assert output_error(w, effective, hw) <= output_error(w, quantize_rtn(w, "w4g32").dequantize(), hw)
 
 
+def test_awq_no_clip_search_for_query_and_key():
+    """Query/key projections get no clip search (llm-awq / AutoAWQ): named so (torch module, ONNX node or BERT
+    initializer name) they are plain RTN of diag(s) W. Numpy reference: per (group, column) scale max|v| / 7
+    rounded to float32, codes round(v / scale) in [-7, 7]. Other weights keep the clip search: same s, some
+    group's range shrunk, output error at or below the unclipped one's."""
+    from edgecc.compress.quantize import quantize_one
+
+    x = _correlated_inputs(1024, K)
+    w = _layer()
+    st = ActStats(K)
+    st.add(x)
+    scheme = parse_scheme("w4g32")
+
+    def scaled_rtn(s):
+        v = (w.astype(np.float64) * s.astype(np.float64)[:, None]).reshape(K // 32, 32, N)
+        scale = (np.abs(v).max(1) / 7).astype(np.float32).astype(np.float64)[:, None]
+        return (np.clip(np.round(v / scale), -7, 7) * scale).reshape(K, N), scale[:, 0]
+
+    qk = ("blocks.0.q_proj", "/blocks.3/k_proj/MatMul", "encoder.layer.0.attention.self.query.weight",
+          "/0/auto_model/encoder/layer.1/attention/self/key/MatMul")
+    others = ("blocks.0.v_proj", "/blocks.3/down_proj/MatMul", "encoder.layer.0.attention.self.value.weight",
+              "onnx::MatMul_415", None)
+    assert not any(clip_for(n) for n in qk) and all(clip_for(n) for n in others)
+    for name in qk:
+        qt, s, used = quantize_one(w, scheme, "awq", st, name)
+        assert used == "awq" and s is not None
+        want, _ = scaled_rtn(s)
+        np.testing.assert_allclose(qt.dequantize(), want, rtol=0, atol=1e-6)
+    qt, s_v, _ = quantize_one(w, scheme, "awq", st, "blocks.0.v_proj")
+    np.testing.assert_array_equal(s_v, s)
+    plain, ref_scale = scaled_rtn(s)
+    assert np.all(qt.scales <= ref_scale + 1e-7) and np.any(qt.scales < 0.97 * ref_scale)
+    h = st.hessian / s.astype(np.float64)[:, None] / s.astype(np.float64)[None, :]  # the scaled problem
+    ws = w.astype(np.float64) * s.astype(np.float64)[:, None]
+    assert output_error(ws, qt.dequantize(), h) <= output_error(ws, plain, h)
+
+
 def test_smoothquant_preserves_the_float_product():
     x = _correlated_inputs(64, K).astype(np.float64)
     w = _layer()
@@ -260,6 +297,10 @@ def test_onnx_calibration_matches_numpy(mlp_with_calib):
     # found by content too (Gemm's transB weight in the [K, N] layout of the deploy parameter)
     assert cal.lookup("renamed", w["w2t"]) is cal.stats["fc2.weight"]
     assert weight_key(w["w1"]) in cal.by_key
+    # content wins over a name that belongs to another weight (torch's generated initializer names differ
+    # between an LLM's prefill and decode graphs); a weight the calibration never saw falls back to the name
+    assert cal.lookup("fc1.weight", w["w2t"]) is cal.stats["fc2.weight"]
+    assert cal.lookup("fc2.weight", w["w2t"] + 1.0) is cal.stats["fc2.weight"]
 
 
 @pytest.mark.parametrize("method,scheme", [("gptq", "w4g32"), ("awq", "w4g32"), ("smoothquant", "w8a8")])
@@ -366,7 +407,8 @@ def test_llama_ptq_weights_are_what_the_build_stores():
             if method == "gptq":
                 want = quantize_gptq(w, st.hessian, "w4g32").dequantize()
             else:
-                qt, s = quantize_awq(w, st.hessian, st.absmean, "w4g32", sink_hessian=st.sink_hessian)
+                qt, s = quantize_awq(w, st.hessian, st.absmean, "w4g32", clip=clip_for(name),
+                                     sink_hessian=st.sink_hessian)
                 want = qt.dequantize().astype(np.float64) / s.astype(np.float64)[:, None]
             got = dict(model.named_parameters())[name + ".weight"].detach().numpy().T
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

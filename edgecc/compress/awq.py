@@ -9,7 +9,15 @@ float product unchanged (x W = (x / s) (diag(s) W)) but gives the salient channe
 searched over a in {0, 1/20, ..., 19/20} (plus s = 1, so AWQ is never worse than RTN on the calibration
 loss) by the layer's output error on the calibration data. The output error is computed exactly from the
 calibration Hessian H = X^T X: ||X W - X W_q||^2 = tr(dW^T H dW), so no activations are kept. Then AWQ's
-clip search shrinks each group's range (ratios 1 .. 0.5) where that lowers the group's output error.
+clip search shrinks each group's range (ratios 1 .. 0.5) where that lowers the group's output error,
+except for query/key projections, as in the reference implementations (llm-awq `auto_clip_block` and
+AutoAWQ `_search_best_clip` skip names containing q_, k_, query, key, Wqkv: "due to qk bmm, it is hard to
+clip precisely"; a clipped outlier of q or k is multiplied into every attention score). The role comes from
+the weight's name (`clip_for`: a component of the name, split at . / :, starting with q_ / k_ or equal to
+query / key / Wqkv): torch module names (llama_ptq: blocks.0.q_proj), ONNX initializer names
+(encoder.layer.0.attention.self.query.weight) or, for torch's generated onnx::MatMul_N, the name of the
+MatMul node using it (/blocks.0/q_proj/MatMul; the build passes the name its recipe and report show). A
+weight whose name tells no role keeps the clip search.
 
 The attention sink: in a causal LM every later token attends to the first position, so an error in that
 position's activations reaches all outputs, while tr(dW^T H dW) counts it as one row of X. Both searches
@@ -22,8 +30,15 @@ Settings were chosen on a dev text, not on the benchmark's evaluation text (Smol
 too 18.26; dropping the sink from the statistics 26.1.
 Tried and not kept: calibrating on 12.5k instead of 6.1k tokens of the same license texts (18.69), adding
 CPython's pydoc topics (18.50); letting each quantization group take its own a (17.90, within the dev
-text's noise, and worse on the evaluation text); skipping the clip search for q/k (17.79; needs the
-weight's role, which `quantize_one` does not get).
+text's noise, and worse on the evaluation text).
+Kept: no clip search for q/k (above): dev 17.93 -> 17.77, and on the rest of the Eigen text (tokens
+2,048 .. 3,669, a second dev split; fp32 16.80) 20.95 -> 20.64. Eval, read after the choice: 17.04 ->
+16.47 (fp32 12.65, RTN 18.87: a 39% cut of RTN's increase).
+Tried with it and not kept (dev, dev rest): sink weight 4 (17.68, 20.67: a tie, 8 stays); a 40-step a
+grid (18.26); a 40-step clip grid (18.44); clip search scored without the sink weight (17.86); clip
+ratios by coordinate descent on the whole layer's output error (cross-group terms included), one pass
+18.04, two passes 17.72 / 20.47 (a small gain on both splits, but one pass was worse, so read as noise;
+twice the time and not the reference; its eval was not read).
 The reference recipe (llm-awq / AutoAWQ: one scale shared by q/k/v and by gate/up, folded into the RMSNorm
 weights, chosen by the output of the attention / MLP it feeds) was worse on this model in every form
 tried (dev; eval read only after the choice): shared q/k/v + gate/up, attention/MLP-output objective,
@@ -42,6 +57,8 @@ product.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from edgecc.compress.grid import check_weight, rtn_rows, to_quantized
@@ -51,6 +68,19 @@ from edgecc.compress.schemes import QuantScheme, parse_scheme
 N_GRID = 20
 MAX_SHRINK = 0.5
 SINK_WEIGHT = 8.0
+# Weights that get no clip search (llm-awq auto_clip.py / AutoAWQ _search_best_clip: "due to qk bmm, it is
+# hard to clip precisely"): query/key projections. Matched per name component (split at . / :).
+NO_CLIP_PREFIXES = ("q_", "k_")
+NO_CLIP_NAMES = ("query", "key", "wqkv")
+
+
+def clip_for(name: str | None) -> bool:
+    """Whether the clip search runs for the weight called `name` (a torch module name such as
+    blocks.0.q_proj, an ONNX initializer name or the MatMul node name): not for query/key projections."""
+    if not name:
+        return True
+    parts = [p.lower() for p in re.split(r"[./:]", name) if p]
+    return not any(p in NO_CLIP_NAMES or p.startswith(NO_CLIP_PREFIXES) for p in parts)
 
 
 def _t(a, dtype=None):
@@ -160,7 +190,8 @@ def quantize_awq(w: np.ndarray, hessian: np.ndarray, act_absmean: np.ndarray, sc
                  sink_weight: float = SINK_WEIGHT) -> tuple[QuantizedTensor, np.ndarray]:
     """AWQ of one float weight [K, N] (our layout). Returns (the quantized diag(s) W, s [K] float32):
     the layer computes (x / s) @ dequantize(...). sink_hessian: x0^T x0 of the sequences' first positions
-    (ActStats.sink_hessian), weighted sink_weight times in the loss."""
+    (ActStats.sink_hessian), weighted sink_weight times in the loss. clip: run the clip search (callers pass
+    clip_for(the weight's name))."""
     import torch
 
     scheme = parse_scheme(scheme)

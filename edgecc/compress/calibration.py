@@ -112,9 +112,15 @@ class Calibration:
     source: str = ""
 
     def lookup(self, name: str, w_kn: np.ndarray | None = None) -> ActStats | None:
-        st = self.stats.get(name)
-        if st is None and w_kn is not None and self.by_key:
+        """The statistics of the weight `w_kn` (by content first), else of the weight called `name`.
+
+        Content first: an LLM's decode graph is calibrated through its prefill graph, and torch's generated
+        initializer names (`onnx::MatMul_484`) name different weights in the two graphs."""
+        st = None
+        if w_kn is not None and self.by_key:
             st = self.by_key.get(weight_key(w_kn))
+        if st is None:
+            st = self.stats.get(name)
         if st is not None and w_kn is not None and st.k != w_kn.shape[0]:
             return None
         return st

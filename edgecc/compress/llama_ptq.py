@@ -81,7 +81,7 @@ def _quantize_block(blk, i: int, recipe: Recipe, method: str, cal, report: dict)
         if scheme is None:
             continue
         stats = None if method == "rtn" else cal.stats.get(name)
-        qt, s, used = quantize_one(_kn(lin), scheme, method, stats)
+        qt, s, used = quantize_one(_kn(lin), scheme, method, stats, name)
         rows = torch.from_numpy(qt.dequantize().T.astype(np.float64))
         if s is not None:  # the build computes (x * (1/s)) @ W_q: the same product as x @ (W_q / s)
             rows = rows / torch.from_numpy(s.astype(np.float64))[None, :]

@@ -202,8 +202,10 @@ def check_method(method: str | None, has_calib: bool) -> str:
     return m
 
 
-def quantize_one(arr: np.ndarray, scheme, method: str, stats) -> tuple[QuantizedTensor, np.ndarray | None, str]:
-    """(quantized weight, input scale s or None (the layer computes (x / s) @ W_q), method actually used)."""
+def quantize_one(arr: np.ndarray, scheme, method: str, stats,
+                 name: str | None = None) -> tuple[QuantizedTensor, np.ndarray | None, str]:
+    """(quantized weight, input scale s or None (the layer computes (x / s) @ W_q), method actually used).
+    `name`: the weight's name (AWQ skips its clip search for query/key projections, awq.clip_for)."""
     if method == "rtn" or stats is None:
         return quantize_rtn(arr, scheme), None, "rtn"
     if method == "gptq":
@@ -211,9 +213,10 @@ def quantize_one(arr: np.ndarray, scheme, method: str, stats) -> tuple[Quantized
 
         return quantize_gptq(arr, stats.hessian, scheme), None, "gptq"
     if method == "awq":
-        from edgecc.compress.awq import quantize_awq
+        from edgecc.compress.awq import clip_for, quantize_awq
 
-        qt, s = quantize_awq(arr, stats.hessian, stats.absmean, scheme, sink_hessian=stats.sink_hessian)
+        qt, s = quantize_awq(arr, stats.hessian, stats.absmean, scheme, clip=clip_for(name),
+                             sink_hessian=stats.sink_hessian)
         return qt, (None if np.all(s == 1.0) else s), "awq"
     if method == "smoothquant":
         if not scheme.act_bits:
@@ -321,7 +324,7 @@ def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], re
                 stats = calibration.lookup(src, mat)
                 if stats is None:
                     stats = calibration.lookup(pname, mat)
-            qt, in_scale, used = quantize_one(mat, scheme, method if role == "matmul" else "rtn", stats)
+            qt, in_scale, used = quantize_one(mat, scheme, method if role == "matmul" else "rtn", stats, shown)
             base = _base(src if src == shown else shown)
             new_vars = []
             for tkey, tensor in qt.tensors().items():
@@ -435,18 +438,19 @@ def quantize_weights(mod: tvm.IRModule, params: list[tuple[str, np.ndarray]], re
 
 def compress_for_build(deploy_mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], quantize: str,
                        transform_mod: tvm.IRModule | None, original_names: list[str], method: str | None = None,
-                       calibration=None):
+                       calibration=None, graph_path=None):
     """The build's "compress" stage: (new deploy module, new named weights, manifest "compression").
 
     `calibration`: a Calibration, or (onnx_path, calib npz, calib text, tokenizer dir) to compute one from
-    (see `calibration_for_build`)."""
+    (see `calibration_for_build`). `graph_path`: the ONNX file of the graph being compressed, whose node names
+    name its weights (default: the calibration's onnx_path; an LLM's decode graph calibrates on prefill)."""
     sources = weight_sources(transform_mod, deploy_mod, original_names)
     if isinstance(calibration, tuple):  # (onnx_path, calib, calib_text, tokenizer_dir)
         has_calib = calibration[1] is not None or calibration[2] is not None
     else:
         has_calib = calibration is not None
     method = check_method(method, has_calib)
-    onnx_path = calibration[0] if isinstance(calibration, tuple) else None
+    onnx_path = graph_path or (calibration[0] if isinstance(calibration, tuple) else None)
     if isinstance(calibration, tuple):
         calibration = calibration_for_build(*calibration) if method != "rtn" else None
     names = node_names(onnx_path) if onnx_path else {}
