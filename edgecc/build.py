@@ -93,6 +93,10 @@ def rewrite_weights(deploy_mod, named_weights, spec: TargetSpec):
     from edgecc.ir_passes.pack_gemv_weights import pack_for_build
 
     deploy_mod, named_weights = merge_for_build(deploy_mod, named_weights)
+    if spec.device == "cpu" and not spec.plugin:  # 1x1 convs as GEMMs (EDGECC_CONV1X1_GEMM=0: off)
+        from edgecc.ir_passes.conv1x1_as_matmul import conv1x1_for_build
+
+        deploy_mod, named_weights = conv1x1_for_build(deploy_mod, named_weights, spec)
     return pack_for_build(deploy_mod, named_weights, spec)
 
 

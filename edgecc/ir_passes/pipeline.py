@@ -45,6 +45,8 @@ def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        # pure reshapes -> views now: once a schedule has split their loops TVM no longer recognises them
+        relax.transform.RewriteDataflowReshape(),
     ]
 
 
