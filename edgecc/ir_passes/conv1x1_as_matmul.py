@@ -36,7 +36,7 @@ import tvm
 from tvm import relax
 
 from edgecc.ir_passes.fold_batchnorm import fold_batchnorm_function
-from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
+from edgecc.ir_passes.rebind import replace_bindings, static_dims, var_uses, with_function
 from edgecc.schedules.contraction import choose_tile_width
 from edgecc.schedules.params import cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -77,18 +77,6 @@ def _conv1x1(call, weights: set, columns_ok):
     if not columns_ok(yd[2] * yd[3]):
         return None
     return xd, wd, yd, strides
-
-
-def _uses(func: relax.Function) -> dict:
-    """Var -> how many times it is an operand in the function body."""
-    uses: dict = {}
-
-    def _visit(expr):
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, _visit)
-    return uses
 
 
 def _as_columns(other, co: int, p: int, yd: list):
@@ -141,7 +129,7 @@ def conv1x1_as_matmul(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
                 users.setdefault(expr, []).append(b)
 
         relax.analysis.post_order_visit(b.value, _visit)
-    uses = _uses(func)
+    uses = var_uses(func)
     weights = set(wvars)
 
     bb = relax.BlockBuilder()

@@ -30,7 +30,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
+from edgecc.ir_passes.rebind import replace_bindings, static_dims, var_uses, with_function
 from edgecc.schedules.contraction import half_vector_width
 from edgecc.schedules.params import CpuParams, cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -46,18 +46,6 @@ def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:
     """[K, N] -> [N / nr, K, nr] (column panel p holds columns p*nr .. p*nr+nr-1, row by row)."""
     k, n = w.shape
     return np.ascontiguousarray(w.reshape(k, n // nr, nr).transpose(1, 0, 2))
-
-
-def _var_uses(func: relax.Function) -> dict:
-    """How many times each Var occurs as an operand anywhere in the function body."""
-    uses: dict = {}
-
-    def _visit(expr):
-        if isinstance(expr, relax.Var):
-            uses[expr] = uses.get(expr, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, _visit)
-    return uses
 
 
 def _gemv_bindings(func: relax.Function, weights: set, max_rows: int) -> dict:
@@ -100,7 +88,7 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
     wvars = list(func.params[num_input:])
     if len(wvars) != len(named_weights):
         raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
-    uses = _var_uses(func)
+    uses = var_uses(func)
     candidates = _gemv_bindings(func, set(wvars), params.gemv_max_rows)
     packed: dict = {}  # old weight var -> (new var, panel width)
     for w, sites in candidates.items():

@@ -33,6 +33,19 @@ def with_function(mod: tvm.IRModule, func_name: str, func: relax.Function, param
     return out
 
 
+def var_uses(func: relax.Function) -> dict:
+    """Var -> how many times it occurs as an operand anywhere in the function body (a weight may be
+    rewritten only where every use is the pattern)."""
+    uses: dict = {}
+
+    def _visit(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, _visit)
+    return uses
+
+
 def static_dims(ty) -> list[int] | None:
     """The dims of a tensor type when all are constants, else None (symbolic or unknown shape)."""
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
