@@ -3,7 +3,6 @@
 `cpu_schedule_passes(spec)` returns the passes that schedule every fused PrimFunc for a CPU target, without
 tuning. Rules, tried in order, one module per op family (like TVM's dlight):
 
-- `panel_gemv.PanelGemv`: the column-panel GEMV of `pack_gemv_weights`, hand-written with a software prefetch
 - `matmul.Matmul`: dense / batched / broadcast matmul, NN and NT, GEMV, fused epilogues
 - `conv2d.Conv2d`: convolutions as implicit GEMM on the same register-tile template (`contraction.py`)
 - `depthwise.GroupedConvRule`: depthwise and grouped convolutions (NCHW/NHWC) as a direct, vectorized conv
@@ -59,10 +58,9 @@ def cpu_rules() -> list[ScheduleRule]:
     from edgecc.schedules.depthwise import GroupedConvRule
     from edgecc.schedules.elementwise import Elementwise
     from edgecc.schedules.matmul import Matmul
-    from edgecc.schedules.panel_gemv import PanelGemv
     from edgecc.schedules.reduction import Fallback, Reduction
 
-    return [PanelGemv(), Matmul(), Conv2d(), GroupedConvRule(), Reduction(), Elementwise(), Fallback()]
+    return [Matmul(), Conv2d(), GroupedConvRule(), Reduction(), Elementwise(), Fallback()]
 
 
 def cpu_schedule_passes(spec: TargetSpec) -> list[tvm.transform.Pass]:

@@ -40,9 +40,7 @@ class ScheduleRule:
 
     name = "rule"
 
-    def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams
-              ) -> s_tir.Schedule | tirx.PrimFunc | None:
-        """The scheduled function (a Schedule, or a hand-written PrimFunc with the same signature), or None."""
+    def apply(self, sch: s_tir.Schedule, spec: TargetSpec, params: CpuParams) -> s_tir.Schedule | None:
         raise NotImplementedError
 
 
@@ -71,7 +69,7 @@ def schedule_func(
             out = rule.apply(sch, spec, params)
             if out is None:
                 continue
-            new_func = out if isinstance(out, tirx.PrimFunc) else out.mod["main"]
+            new_func = out.mod["main"]
             return new_func, rule.name, None
         except Exception as exc:  # noqa: BLE001 - a failing rule falls back to the next one
             error = f"{rule.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"

@@ -330,6 +330,14 @@ def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tv
         if int4_dot.supports(isa, scheme.bits, scheme.group_for(k), k, n, tile):
             return int4_dot.int4_dot_matmul_kernel(k, n, scheme.group_for(k), tile, isa, scheme.symmetric,
                                                    rows=m, cores=_num_cores(target)), True
+    if schedule and scheme.act_bits == 0 and scheme.bits == 4 and x_dtype == "float32":
+        from edgecc.schedules import int4_float  # decode GEMV (m <= 4): no int->float convert, prefetch
+
+        lanes = int4_float.target_lanes(target)
+        tile = scheme.stored_shapes(k, n)["scales"][0][2]
+        if int4_float.enabled(lanes) and int4_float.supports(lanes, scheme.bits, scheme.group_for(k), k, n, tile, m):
+            return int4_float.int4_float_matmul_kernel(m, k, n, scheme.group_for(k), tile, lanes[0], scheme.symmetric,
+                                                       lanes[1], cores=_num_cores(target)), True
     if schedule and scheme.dot_layout and x_dtype == "float32":
         from edgecc.schedules import int8_dot
 
