@@ -17,6 +17,7 @@ from edgecc.ir_passes.pipeline import relax_pipeline
 from edgecc.schedules import int4_float
 from edgecc.schedules.quantized import quantized_matmul_primfunc
 from edgecc.targets.registry import get_target
+from tests.test_int4_dot import _module  # the same one-kernel Relax module
 
 HOST = get_target("host")
 
@@ -50,16 +51,6 @@ def _check(got, x, qt):
     bound = np.abs(x).astype(np.float64) @ (16 * scales)
     err = np.abs(got - ref) / np.maximum(bound, 1e-30)
     assert err.max() < 1e-6, f"max error {err.max():.2e} of sum |x| 16 scale"
-
-
-def _module(kernel, arrays, m, n):
-    bb = relax.BlockBuilder()
-    params = [relax.Var(f"a{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(arrays)]
-    with bb.function("main", params):
-        gv = bb.add_func(kernel, "kernel")
-        out = bb.emit(relax.call_tir(gv, params, relax.TensorType((m, n), "float32")))
-        bb.emit_func_output(out)
-    return bb.get()
 
 
 def _run(kernel, arrays, m, n, target):

@@ -35,6 +35,14 @@ SCHEDULE_NAME = "edgecc.int4_dot"
 PREFETCH_BYTES = 4096
 
 
+def prefetch(load):
+    """`llvm.prefetch` (read, keep in all cache levels, data) of the address of the buffer element `load`:
+    for use inside TVMScript kernels, `T.evaluate(prefetch(buf[i]))`."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
+
+
 def target_isa(target) -> str | None:
     """The dot-product ISA this kernel uses on a TVM target: AVX-512 VNNI, AVX-VNNI (ymm, no AVX-512) or Arm
     dotprod (i8mm CPUs have dotprod too; smmla pairs rows, which a GEMV does not have)."""
@@ -180,19 +188,16 @@ def int4_dot_matmul_kernel(k: int, n: int, group: int, tile: int, isa: str, symm
                         for v in T.unroll(T.int64(2) * VB):  # whole vectors: the accumulators stay in registers
                             acc[r, T.ramp(v * LN, T.int64(1), lanes)] = T.broadcast(T.int32(0), lanes)
                     for v in T.unroll(VB):  # the scales (and zero points) as far ahead as the weights
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(sf[T.min(
-                            (t * NG + g + pf_groups) * TT + c0 + v * LN, NT * NG * TT - LN)]),
-                            T.int32(0), T.int32(3), T.int32(1)))
+                        T.evaluate(prefetch(sf[T.min(
+                            (t * NG + g + pf_groups) * TT + c0 + v * LN, NT * NG * TT - LN)]))
                     if not symmetric:
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(zf[T.min(
-                            (t * NG + g + pf_groups) * TT + c0, NT * NG * TT - LN)]),
-                            T.int32(0), T.int32(3), T.int32(1)))
+                        T.evaluate(prefetch(zf[T.min(
+                            (t * NG + g + pf_groups) * TT + c0, NT * NG * TT - LN)]))
                     for kw in T.unroll(WPG):
                         for v in T.unroll(VB):
                             # one 64-byte line per (kw, v), clamped to the buffer (past its end near the last rows)
-                            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(wi[T.min(
-                                (t * KW + g * WPG + kw + pf_rows) * TT + c0 + v * LN, NT * KW * TT - LN)]),
-                                T.int32(0), T.int32(3), T.int32(1)))
+                            T.evaluate(prefetch(wi[T.min(
+                                (t * KW + g * WPG + kw + pf_rows) * TT + c0 + v * LN, NT * KW * TT - LN)]))
                             word = wi[T.ramp(((t * KW + g * WPG + kw) * TT + c0 + v * LN), T.int64(1), lanes)]
                             for r in T.unroll(MR):
                                 acc[r, part(v, False)] = T.call_llvm_pure_intrin(

@@ -35,12 +35,12 @@ import os
 
 from tvm import tirx
 
+from edgecc.schedules.int4_dot import PREFETCH_BYTES, prefetch
+from edgecc.schedules.int8_dot import OP_PATTERN_OPAQUE
+
 SCHEDULE_NAME = "edgecc.int4_float"
-#: how far ahead of its loads a GEMV job prefetches its packed weights (as int4_dot)
-PREFETCH_BYTES = 4096
 #: rows up to which the kernel is used (a decode step's GEMV; more rows go to the generic kernels)
 MAX_ROWS = 4
-OP_PATTERN_OPAQUE = 8
 _CACHE_LINE = 64
 
 
@@ -160,17 +160,14 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
                 # the next groups' weights (and scales, zero points), ~PREFETCH_BYTES ahead, once per group
                 for kw in T.unroll(WPG):
                     for ln in T.unroll(T.int64(lines)):
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(wi[T.min(
-                            (t * KW + (g + pf_groups) * WPG + kw) * TT + c0 + ln * per_line, NT * KW * TT - LN)]),
-                            T.int32(0), T.int32(3), T.int32(1)))
+                        T.evaluate(prefetch(wi[T.min(
+                            (t * KW + (g + pf_groups) * WPG + kw) * TT + c0 + ln * per_line, NT * KW * TT - LN)]))
                 for v in T.unroll(VB):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(sf[T.min(
-                        (t * NG + g + pf_groups) * TT + c0 + v * LN, NT * NG * TT - LN)]),
-                        T.int32(0), T.int32(3), T.int32(1)))
+                    T.evaluate(prefetch(sf[T.min(
+                        (t * NG + g + pf_groups) * TT + c0 + v * LN, NT * NG * TT - LN)]))
                 if not symmetric:
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(zf[T.min(
-                        (t * NG + g + pf_groups) * TT + c0, NT * NG * TT - LN)]),
-                        T.int32(0), T.int32(3), T.int32(1)))
+                    T.evaluate(prefetch(zf[T.min(
+                        (t * NG + g + pf_groups) * TT + c0, NT * NG * TT - LN)]))
                 if chains == 2:
                     for a in T.unroll(M * VB):
                         acc[MV + a] = T.broadcast(T.float32(0), lanes)
