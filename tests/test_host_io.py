@@ -108,3 +108,23 @@ def test_aligned_writable_inputs_are_not_copied():
     # another shape gets another tensor
     (other,) = inputs([_aligned((2, 5), offset_bytes=4)])
     assert tuple(other.shape) == (2, 5)
+
+
+def test_output_views_any_dtype_never_alias():
+    """The alias check works on TVM's own data pointers, so dtypes numpy cannot take over DLPack (bfloat16)
+    neither break loading nor running; such results come back as copies."""
+    import ml_dtypes
+    import tvm
+
+    from edgecc.runtime_bridge.host import OutputViews
+
+    weight = tvm.runtime.tensor(np.arange(8, dtype=np.float32).astype(ml_dtypes.bfloat16))
+    views = OutputViews([weight, tvm.runtime.tensor(np.zeros(3, np.float32))])
+    x = tvm.runtime.tensor(np.arange(4, dtype=np.float32))
+    fresh = tvm.runtime.tensor(np.full(5, 2.0, np.float32))
+    out = views([fresh, fresh, x, weight], [x])
+    np.testing.assert_array_equal(out[0], np.full(5, 2.0))
+    assert np.from_dlpack(fresh).ctypes.data == out[0].ctypes.data  # a fresh result: a view, no copy
+    assert not np.shares_memory(out[0], out[1])  # the same result twice: the second is a copy
+    assert out[2].ctypes.data != x.data_ptr()  # an input passed through: a copy
+    np.testing.assert_array_equal(out[3].astype(np.float32), np.arange(8))  # a bfloat16 weight: a copy

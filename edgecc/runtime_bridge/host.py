@@ -106,13 +106,20 @@ class InputTensors:
         return args
 
 
+def _span(t) -> tuple[int, int]:
+    """[first byte, one past the last) of a TVM tensor's data (any dtype, also those numpy lacks)."""
+    import tvm
+
+    dtype = tvm.runtime.DataType(str(t.dtype))
+    return t.data_ptr(), t.data_ptr() + t.numel() * ((dtype.bits * dtype.lanes + 7) // 8)
+
+
 class OutputViews:
     """Outputs as numpy views of the VM's own output tensors (no copy), except where a view could alias
     memory the caller must not write to: a weight, an input, or another output (those are copied)."""
 
     def __init__(self, weights: list):
-        spans = sorted((int(a.ctypes.data), int(a.ctypes.data) + a.nbytes)
-                       for a in (np.from_dlpack(w) for w in weights) if a.nbytes)
+        spans = sorted(sp for sp in (_span(w) for w in weights) if sp[1] > sp[0])
         self._starts = [s for s, _ in spans]
         self._ends = [e for _, e in spans]
 
@@ -123,19 +130,19 @@ class OutputViews:
         return i >= 0 and ptr < self._ends[i]
 
     def __call__(self, outputs: list, inputs: list) -> list[np.ndarray]:
-        seen = {int(np.from_dlpack(t).ctypes.data) for t in inputs if t.shape and np.prod(t.shape)}
+        taken = [sp for sp in (_span(t) for t in inputs) if sp[1] > sp[0]]  # inputs, then outputs handed out
         arrays = []
         for t in outputs:
+            start, end = _span(t)
+            shared = end > start and (self._in_weights(start) or any(s < end and start < e for s, e in taken))
             try:
                 view = np.from_dlpack(t)
             except (BufferError, RuntimeError, TypeError, ValueError):  # a dtype numpy's DLPack lacks
                 arrays.append(t.numpy())
                 continue
-            ptr = int(view.ctypes.data)
-            if view.nbytes and (ptr in seen or self._in_weights(ptr)):
-                view = view.copy()
-            seen.add(ptr)
-            arrays.append(view)
+            arrays.append(view.copy() if shared else view)
+            if not shared:
+                taken.append((start, end))
         return arrays
 
 
