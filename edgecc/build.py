@@ -86,8 +86,8 @@ def lift_weight_transforms(imported):
 
 
 def rewrite_weights(deploy_mod, named_weights, spec: TargetSpec):
-    """The build-time weight rewrites after compression: q/k/v and gate/up merged into one matmul each, then
-    GEMV weights stored as column panels. `edgecc tune` and the kernel profiler call this too, so the kernels
+    """The build-time weight rewrites after compression: q/k/v and gate/up merged into one matmul each, 1x1
+    convs as GEMMs and the other conv weights cut into panels (CPU), then GEMV weights stored as column panels. `edgecc tune` and the kernel profiler call this too, so the kernels
     they time are the ones a build has. (LLM builds merge only: see `build_llm._import_graph`.)"""
     from edgecc.ir_passes.merge_linears import merge_for_build
     from edgecc.ir_passes.pack_gemv_weights import pack_for_build
@@ -97,6 +97,10 @@ def rewrite_weights(deploy_mod, named_weights, spec: TargetSpec):
         from edgecc.ir_passes.conv1x1_as_matmul import conv1x1_for_build
 
         deploy_mod, named_weights = conv1x1_for_build(deploy_mod, named_weights, spec)
+        # the other float convs read weight panels cut here (EDGECC_PACK_CONV=0: off)
+        from edgecc.ir_passes.pack_conv_weights import pack_conv_for_build
+
+        deploy_mod, named_weights = pack_conv_for_build(deploy_mod, named_weights, spec)
     return pack_for_build(deploy_mod, named_weights, spec)
 
 

@@ -36,7 +36,7 @@ import tvm
 from tvm import relax
 
 from edgecc.ir_passes.fold_batchnorm import fold_batchnorm_function
-from edgecc.ir_passes.rebind import replace_bindings, static_dims, var_uses, with_function
+from edgecc.ir_passes.rebind import op_name, replace_bindings, static_dims, var_uses, with_function
 from edgecc.schedules.contraction import choose_tile_width
 from edgecc.schedules.params import cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -52,13 +52,9 @@ _ELEMENTWISE = {
 }
 
 
-def _op_name(call) -> str:
-    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
-
-
 def _conv1x1(call, weights: set, columns_ok):
     """(x dims, W dims, output dims, strides) when `call` is a convolution this pass rewrites, else None."""
-    if _op_name(call) != "relax.nn.conv2d":
+    if op_name(call) != "relax.nn.conv2d":
         return None
     x, w = call.args
     a = call.attrs
@@ -175,12 +171,12 @@ def conv1x1_as_matmul(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
             call = nxt.value
             if nxt.var in claimed or nxt.var in replace or static_dims(nxt.var.ty) != yd:
                 break
-            if _op_name(call) == "relax.broadcast_to" and call.args[0].same_as(last_var):
+            if op_name(call) == "relax.broadcast_to" and call.args[0].same_as(last_var):
                 claimed.add(nxt.var)  # to its own shape (the importer's Sum): nothing to do on the 2-D side
                 last_var, last_list = nxt.var, []
                 replace[nxt.var] = last_list
                 continue
-            if _op_name(call) not in _ELEMENTWISE or str(nxt.var.ty.dtype) != dtype:
+            if op_name(call) not in _ELEMENTWISE or str(nxt.var.ty.dtype) != dtype:
                 break
             args, ok, pre = [], True, []
             for arg in call.args:
@@ -235,7 +231,7 @@ def _through_broadcasts(var, bindings: dict):
     """`var`, or what it broadcasts to its own shape (the importer's Sum writes `broadcast_to(a, a.shape)`)."""
     while var in bindings:
         value = bindings[var].value
-        if _op_name(value) != "relax.broadcast_to" or static_dims(value.args[0].ty) != static_dims(var.ty):
+        if op_name(value) != "relax.broadcast_to" or static_dims(value.args[0].ty) != static_dims(var.ty):
             break
         var = value.args[0]
     return var

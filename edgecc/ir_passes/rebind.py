@@ -54,3 +54,8 @@ def static_dims(ty) -> list[int] | None:
     if not all(isinstance(d, tirx.IntImm) for d in dims):
         return None
     return [int(d) for d in dims]
+
+
+def op_name(call) -> str:
+    """The Relax op a call applies ("relax.nn.conv2d"), or "" for anything else (a call_tir, a var)."""
+    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""

@@ -63,10 +63,27 @@ class Contraction:
     v_row_elems: int = 0  # elements of V's innermost dimension (its row stride)
     v_elems: int = 0  # elements of the V and S buffers (which operand is worth keeping in cache)
     s_elems: int = 0
+    prepacked_nr: int = 0  # V already in panels at build time: V[.., v // nr, k.., v % nr] (no pack, no pad)
 
 
 def _plain(expr) -> bool:
     return isinstance(expr, (tirx.Var, tirx.IntImm))
+
+
+def _prepacked_width(indices, var) -> int:
+    """`nr` when `indices` read a build-time panel layout along `var`: `[.., var // nr, .., var % nr]` with
+    every other index plain (`ir_passes.pack_conv_weights`), else 0."""
+    last = indices[-1]
+    if not (isinstance(last, tirx.FloorMod) and last.a.same_as(var) and isinstance(last.b, tirx.IntImm)):
+        return 0
+    nr = int(last.b)
+    divs = [i for i in indices[:-1] if isinstance(i, tirx.FloorDiv)]
+    if (len(divs) != 1 or not divs[0].a.same_as(var) or not isinstance(divs[0].b, tirx.IntImm)
+            or int(divs[0].b) != nr):
+        return 0
+    if not all(_plain(i) for i in indices[:-1] if not isinstance(i, tirx.FloorDiv)):
+        return 0
+    return nr
 
 
 def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
@@ -124,14 +141,15 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
             continue
         vi = in_ops[0]
         vload = loads[vi]
-        if not any(idx.same_as(var) for idx in vload.indices):
+        prepacked = _prepacked_width(vload.indices, var)
+        if not prepacked and not any(idx.same_as(var) for idx in vload.indices):
             continue  # V indexed by an expression of v: no contiguous vector loads
-        packable = all(_plain(i) for i in vload.indices)
+        packable = bool(prepacked) or all(_plain(i) for i in vload.indices)
         ext = extents[var]
         score = (
             packable,
             ext % lanes == 0,
-            vload.indices[-1].same_as(var),
+            bool(prepacked) or vload.indices[-1].same_as(var),
             body.indices[-1].same_as(var),
             ext,
         )
@@ -141,6 +159,7 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
         return None
     _, v_var, vi = best
     vload, sload = loads[vi], loads[1 - vi]
+    prepacked_nr = _prepacked_width(vload.indices, v_var)
     s_only = [x for x in spatial if not x.same_as(v_var) and x in uses[1 - vi] and x not in uses[vi]]
     r_var = None
     for idx in reversed(list(body.indices)):
@@ -187,10 +206,11 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
         out_v_dim=out_v_dim,
         m_total=m_total,
         dtype_bits=_dtype_bits(out.dtype),
-        v_last_is_v=vload.indices[-1].same_as(v_var),
+        v_last_is_v=bool(prepacked_nr) or vload.indices[-1].same_as(v_var),
         v_row_elems=int(vload.source.shape[-1]) if isinstance(vload.source.shape[-1], tirx.IntImm) else 0,
         v_elems=_elems(vload.source),
         s_elems=_elems(sload.source),
+        prepacked_nr=prepacked_nr,
     )
 
 
@@ -274,14 +294,19 @@ def schedule(
         if not narrow:
             raise ValueError(f"vector axis extent {n_ext} has no tile width (lanes {lanes}) and cannot be padded")
         nr, pad = narrow[0], False
+    if c.prepacked_nr:
+        # the panels were cut at build time (`ir_passes.pack_conv_weights`, with this same tile choice)
+        nr, pad = c.prepacked_nr, False
+        if n_ext % nr or nr % lanes:
+            raise ValueError(f"build-time panels of width {nr} do not tile the vector axis ({n_ext}, lanes {lanes})")
     if gemv and not c.v_last_is_v:
         raise ValueError("matrix-vector product with a transposed matrix: not this template")
     mr = choose_row_tile(c.extents[c.r_var], params.mr) if c.r_var is not None else 1
     if gemv and c.r_var is not None:
         mr = c.extents[c.r_var]
     row_bytes = c.v_row_elems * c.dtype_bits // 8
-    pack = pad or (c.v_packable and not gemv and c.m_total >= params.pack_min_rows
-                   and (not c.v_last_is_v or row_bytes >= params.pack_min_stride_bytes))
+    pack = not c.prepacked_nr and (pad or (c.v_packable and not gemv and c.m_total >= params.pack_min_rows
+                                           and (not c.v_last_is_v or row_bytes >= params.pack_min_stride_bytes)))
     block = c.block
     intermediates = base.intermediate_buffers(sch)
     out_is_param = not any(b.same_as(c.out_buffer) for b in intermediates)

@@ -1,0 +1,172 @@
+"""Repack convolution weights at build time into the panels the conv kernel reads.
+
+    y = R.nn.conv2d(x, W)     W: [co, ci, kh, kw]    ─▶    y = R.call_tir(conv2d_panels, (x, Wp))
+                                                           Wp: [co / nr, ci, kh, kw, nr]
+
+Why: the conv kernel (`schedules/conv2d.py`, the register-tile template of `schedules/contraction.py`)
+vectorizes over output channels, so it needs `nr` adjacent output channels of the weight contiguous. OIHW
+is contiguous along the reduction instead, and the template used to pack every weight into
+`[co / nr, ci, kh, kw, nr]` panels on every call: all of a CNN's weights read, rewritten and read again per
+inference (ResNet-50: ~100 MB). Here the panels are cut once, in numpy, and the kernel streams them.
+
+The replacement is a PrimFunc written in TE with the same two stages `LegalizeOps` gives a conv2d (a
+zero-padded copy of the input, then `conv[n, f, y, x] += pad[n, c, y*s + ry*d, x*s + rx*d] *
+Wp[f // nr, c, ry, rx, f % nr]`), so FuseOps still fuses the epilogue (bias, BatchNorm's scale and shift,
+residual add, ReLU) into it and the contraction analysis recognises the panel layout (`prepacked_nr`).
+`nr` is the tile width the template would choose for `co` on this target (`choose_tile_width`); a `co`
+that tile does not divide (it would be padded) is left to the run-time path.
+
+What is rewritten, in one function: `R.nn.conv2d` with groups 1, NCHW/OIHW/NCHW layouts, static float
+shapes and a weight parameter (after `num_input`) every use of which is such a convolution. Run after
+`conv1x1_as_matmul` (which turns the 1x1 convs that run faster as GEMMs into matmuls first).
+
+`EDGECC_PACK_CONV=0` turns it off (for A/B timing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+from edgecc.ir_passes.rebind import op_name, replace_bindings, static_dims, var_uses, with_function
+from edgecc.schedules.contraction import choose_tile_width
+from edgecc.schedules.params import cpu_params
+from edgecc.targets.registry import TargetSpec
+
+
+def pack_conv_panels(w: np.ndarray, nr: int) -> np.ndarray:
+    """[co, ci, kh, kw] -> [co / nr, ci, kh, kw, nr] (panel p holds output channels p*nr .. p*nr+nr-1)."""
+    co, ci, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(co // nr, nr, ci, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", v)  # Relax's TIR shapes are int64
+
+
+def conv2d_panels_primfunc(xd: list[int], co: int, kh: int, kw: int, nr: int, strides, padding, dilation,
+                           dtype: str) -> tirx.PrimFunc:
+    """The NCHW conv reading the [co / nr, ci, kh, kw, nr] weight panels (module docstring)."""
+    n, ci, h, w = xd
+    (sh, sw), (dh, dw) = strides, dilation
+    pt, pl, pb, pr = padding
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    x = te.placeholder([_i64(d) for d in xd], dtype, name="x")
+    wp = te.placeholder([_i64(co // nr), _i64(ci), _i64(kh), _i64(kw), _i64(nr)], dtype, name="w_panels")
+    src = x
+    if pt or pl or pb or pr:
+        def padded(b, c, yy, xx):
+            inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
+            return tirx.if_then_else(inside, x[b, c, yy - pt, xx - pl], tirx.const(0, dtype))
+
+        src = te.compute((_i64(n), _i64(ci), _i64(h + pt + pb), _i64(w + pl + pr)), padded, name="pad_temp")
+    rc = te.reduce_axis((0, _i64(ci)), name="rc")
+    ry = te.reduce_axis((0, _i64(kh)), name="ry")
+    rx = te.reduce_axis((0, _i64(kw)), name="rx")
+    y = te.compute(
+        (_i64(n), _i64(co), _i64(oh), _i64(ow)),
+        lambda b, f, yy, xx: te.sum(src[b, rc, yy * sh + ry * dh, xx * sw + rx * dw]
+                                    * wp[f // nr, rc, ry, rx, f % nr], axis=[rc, ry, rx]),
+        name="conv2d_nchw")
+    # a private function: the module's only public symbol stays `main`
+    return te.create_prim_func([x, wp, y]).without_attr("global_symbol")
+
+
+def _conv(call, weights: set):
+    """(x dims, W dims, attrs) when `call` is a convolution this pass can rewrite, else None."""
+    if op_name(call) != "relax.nn.conv2d":
+        return None
+    x, w = call.args
+    a = call.attrs
+    if w not in weights or int(a.groups) != 1:
+        return None
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    dtype = str(x.ty.dtype)
+    if a.out_dtype is not None and str(a.out_dtype) not in ("", "void", dtype):
+        return None
+    if dtype != str(w.ty.dtype) or not dtype.startswith("float"):
+        return None
+    xd, wd = static_dims(x.ty), static_dims(w.ty)
+    if xd is None or wd is None or len(xd) != 4 or len(wd) != 4 or xd[1] != wd[1]:
+        return None
+    return xd, wd, a
+
+
+def pack_conv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], spec: TargetSpec,
+                      func_name: str = "main"):
+    """-> (module, named weights, number of weights packed). See the module docstring."""
+    func = mod[func_name]
+    if spec.device != "cpu" or "num_input" not in (func.attrs or {}):
+        return mod, list(named_weights), 0
+    params = cpu_params(spec)
+    num_input = int(func.attrs["num_input"])
+    wvars = list(func.params[num_input:])
+    if len(wvars) != len(named_weights):
+        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    weights = set(wvars)
+    sites: dict = {}  # weight var -> [(binding, x dims, W dims, attrs)]
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            continue
+        for b in block.bindings:
+            found = _conv(b.value, weights) if isinstance(b, relax.VarBinding) else None
+            if found is not None:
+                sites.setdefault(b.value.args[1], []).append((b, *found))
+    uses = var_uses(func)
+    packed: dict = {}  # old weight var -> (new var, panel width)
+    for w, convs in sites.items():
+        if uses.get(w, 0) != len(convs):
+            continue  # also read by something that is not a convolution
+        co, ci, kh, kw = convs[0][2]
+        bits = tvm.runtime.DataType(str(w.ty.dtype)).bits
+        nr, needs_pad = choose_tile_width(co, params.nr(bits), params.lanes(bits))
+        if needs_pad:
+            continue
+        packed[w] = (relax.Var(w.name + "_panels", relax.TensorType([co // nr, ci, kh, kw, nr], str(w.ty.dtype))), nr)
+    if not packed:
+        return mod, list(named_weights), 0
+
+    bb = relax.BlockBuilder(mod)
+    replace: dict = {}
+    kernels: dict = {}  # conv configuration -> GlobalVar (identical convs share one PrimFunc)
+    for w, convs in sites.items():
+        if w not in packed:
+            continue
+        wp, nr = packed[w]
+        for b, xd, wd, a in convs:
+            dtype = str(b.value.args[0].ty.dtype)
+            strides = [int(s) for s in a.strides]
+            padding = [int(p) for p in a.padding]
+            dilation = [int(d) for d in a.dilation]
+            key = (tuple(xd), tuple(wd), nr, tuple(strides), tuple(padding), tuple(dilation), dtype)
+            if key not in kernels:
+                prim = conv2d_panels_primfunc(xd, wd[0], wd[2], wd[3], nr, strides, padding, dilation, dtype)
+                kernels[key] = bb.add_func(prim, "conv2d_panels")
+            call = relax.call_tir(kernels[key], [b.value.args[0], wp], b.var.ty)
+            replace[b.var] = [relax.VarBinding(b.var, call)]
+    body = replace_bindings(func, replace)
+    new_params = list(func.params[:num_input])
+    named = []
+    for v, (name, arr) in zip(wvars, named_weights):
+        if v in packed:
+            wp, nr = packed[v]
+            new_params.append(wp)
+            named.append((name, pack_conv_panels(arr, nr)))
+        else:
+            new_params.append(v)
+            named.append((name, arr))
+    return with_function(bb.get(), func_name, func, new_params, body, bb), named, len(packed)
+
+
+def pack_conv_for_build(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]], spec: TargetSpec,
+                        func_name: str = "main"):
+    """The build's hook (after `conv1x1_as_matmul`): `pack_conv_weights` unless EDGECC_PACK_CONV=0."""
+    if os.environ.get("EDGECC_PACK_CONV", "1") == "0":
+        return mod, list(named_weights)
+    mod, named, _ = pack_conv_weights(mod, named_weights, spec, func_name)
+    return mod, named

@@ -1,0 +1,223 @@
+"""Build-time conv weight panels (`edgecc.ir_passes.pack_conv_weights`): the IR before -> after, the
+convolutions it must leave alone, the kernel it leads to (scheduled, epilogue fused, no run-time pack), and
+results checked against numpy float64 and onnxruntime, on the host and under qemu for arm-neon."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import tvm_ffi  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tvm import relax, tirx  # noqa: E402
+
+from edgecc.ir_passes.pack_conv_weights import (  # noqa: E402
+    conv2d_panels_primfunc, pack_conv_panels, pack_conv_weights)
+from edgecc.ir_passes.pipeline import relax_pipeline  # noqa: E402
+from edgecc.schedules.params import cpu_params  # noqa: E402
+from edgecc.targets.registry import get_target  # noqa: E402
+
+R = relax.op
+F32 = "float32"
+HOST = get_target("host")
+
+
+def _conv_module(x_shape, w_shape, epilogue=True, **conv_attrs):
+    """main(x, w, s) = relu(conv2d(x, w) * reshape(s, [1, co, 1, 1])) (num_input 1: w and s are weights)."""
+    co = w_shape[0]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
+    w = relax.Var("w", relax.TensorType(list(w_shape), F32))
+    s = relax.Var("s", relax.TensorType([co], F32))
+    with bb.function("main", [x, w, s], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(x, w, **conv_attrs))
+            if epilogue:
+                y = bb.emit(R.multiply(y, R.reshape(s, [1, co, 1, 1])))
+            out = bb.emit_output(R.nn.relu(y))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _weights(w_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return [("w", rng.standard_normal(w_shape).astype(F32)), ("s", rng.random(w_shape[0]).astype(F32))]
+
+
+def _conv_ref64(x, w, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)):
+    """NCHW conv in float64, straight from the definition (pad = top, left, bottom, right)."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    w = w.astype(np.float64)
+    n, c, h, wd = x.shape
+    co, _, kh, kw = w.shape
+    oh = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, co, oh, ow))
+    for ry in range(kh):
+        for rx in range(kw):
+            y0, x0 = ry * dilation[0], rx * dilation[1]
+            win = x[:, :, y0:y0 + stride[0] * (oh - 1) + 1:stride[0], x0:x0 + stride[1] * (ow - 1) + 1:stride[1]]
+            out += np.einsum("nchw,oc->nohw", win, w[:, :, ry, rx])
+    return out
+
+
+def test_panels_layout():
+    """Panel p, row (c, ry, rx), lane j holds W[p*nr + j, c, ry, rx]."""
+    w = np.arange(8 * 3 * 2 * 2, dtype=np.float32).reshape(8, 3, 2, 2)
+    p = pack_conv_panels(w, 4)
+    assert p.shape == (2, 3, 2, 2, 4) and p.flags["C_CONTIGUOUS"]
+    for f in range(8):
+        for c in range(3):
+            assert p[f // 4, c, 1, 0, f % 4] == w[f, c, 1, 0]
+
+
+def test_ir_before_after():
+    """conv2d(x, w) * s -> relu  ==>  call_tir(conv2d_panels, (x, w_panels)) * s -> relu; w stored as panels."""
+    x_shape, w_shape = (1, 8, 9, 7), (64, 8, 3, 3)
+    mod = _conv_module(x_shape, w_shape, padding=[1, 1])
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    nr = cpu_params(HOST).nr(32)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
+    wp = relax.Var("w_panels", relax.TensorType([64 // nr, 8, 3, 3, nr], F32))
+    s = relax.Var("s", relax.TensorType([64], F32))
+    kernel = bb.add_func(conv2d_panels_primfunc(list(x_shape), 64, 3, 3, nr, [1, 1], [1, 1, 1, 1], [1, 1], F32),
+                         "conv2d_panels")
+    with bb.function("main", [x, wp, s], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(kernel, [x, wp], relax.TensorType([1, 64, 9, 7], F32)))
+            y = bb.emit(R.multiply(y, R.reshape(s, [1, 64, 1, 1])))
+            out = bb.emit_output(R.nn.relu(y))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(new, bb.get())
+    np.testing.assert_array_equal(named[0][1], pack_conv_panels(weights[0][1], nr))
+    np.testing.assert_array_equal(named[1][1], weights[1][1])
+
+
+@pytest.mark.parametrize("case", ["grouped", "nhwc", "weight_not_param", "read_elsewhere", "odd_channels"])
+def test_not_rewritten(case):
+    x_shape, w_shape, attrs = (1, 8, 6, 6), (32, 8, 3, 3), {}
+    if case == "grouped":
+        w_shape, attrs = (32, 4, 3, 3), {"groups": 2}
+    elif case == "nhwc":
+        x_shape, w_shape = (1, 6, 6, 8), (32, 3, 3, 8)
+        attrs = {"data_layout": "NHWC", "kernel_layout": "OHWI", "epilogue": False}
+    elif case == "odd_channels":
+        w_shape = (20, 8, 3, 3)  # no whole tile of vectors divides 20: the run-time path pads it
+    mod = _conv_module(x_shape, w_shape, **attrs)
+    weights = _weights(w_shape)
+    if case == "weight_not_param":
+        mod["main"] = mod["main"].with_attr("num_input", 2)
+        weights = weights[1:]
+    elif case == "read_elsewhere":
+        func = mod["main"]
+        bb = relax.BlockBuilder()
+        x, w, s = func.params
+        with bb.function("main", [x, w, s], attrs={"num_input": 1}):
+            with bb.dataflow():
+                y = bb.emit(R.nn.conv2d(x, w))
+                out = bb.emit_output(R.add(R.sum(y), R.sum(w)))
+            bb.emit_func_output(out)
+        mod = bb.get()
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 0
+    tvm.ir.assert_structural_equal(new, mod)
+
+
+def _build_and_run(mod, arrays, spec=HOST):
+    ex = tvm.compile(mod, target=spec.tvm(), relax_pipeline=relax_pipeline(spec))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((1, 8, 9, 7), (64, 8, 3, 3), {"padding": [1, 1]}),
+    ((1, 3, 23, 19), (32, 3, 7, 7), {"padding": [3, 3], "strides": [2, 2]}),  # a stem, odd sizes
+    ((1, 17, 11, 13), (48, 17, 3, 3), {"padding": [0, 1, 2, 1], "dilation": [2, 1]}),  # asymmetric pad
+    ((1, 40, 7, 7), (96, 40, 1, 1), {}),  # a 7x7 1x1 conv (left to this pass by conv1x1_as_matmul)
+    ((2, 5, 6, 5), (16, 5, 2, 3), {"strides": [1, 2]}),  # batch 2, one vector of channels
+])
+def test_kernel_matches_float64(x_shape, w_shape, attrs):
+    """The packed conv, through the whole pipeline, against float64; the kernel is the conv2d rule's with the
+    epilogue fused and no run-time pack stage."""
+    mod = _conv_module(x_shape, w_shape, **attrs)
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    lowered = relax_pipeline(HOST)(new)
+    convs = [f for gv, f in lowered.functions_items()
+             if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    assert len(convs) == 1 and str(convs[0].attrs["edgecc.schedule"]) == "conv2d"
+    assert "relu" in [gv.name_hint for gv, f in lowered.functions_items() if f.same_as(convs[0])][0]
+    stores = []
+    tvm_ffi.structural_walk(convs[0].body, (tirx.BufferStore, lambda n: stores.append(n.buffer.name)), order="pre")
+    assert not any("global" in name for name in stores), stores  # no cache_read pack of the weight
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [x] + [a for _, a in named])
+    pad = attrs.get("padding", [0, 0])
+    pad = pad * 2 if len(pad) == 2 else pad
+    ref = _conv_ref64(x, weights[0][1], attrs.get("strides", (1, 1)), pad, attrs.get("dilation", (1, 1)))
+    ref = np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cross
+def test_neon_under_qemu(neon_runs, tmp_path):
+    from tests.test_schedules import run_on_neon
+
+    neon = get_target("arm-neon")
+    x_shape, w_shape = (1, 13, 9, 11), (24, 13, 3, 3)
+    mod = _conv_module(x_shape, w_shape, padding=[1, 1], strides=[2, 1])
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, neon)
+    assert count == 1
+    assert named[0][1].ndim == 5 and 24 % named[0][1].shape[-1] == 0
+    new["main"] = new["main"].without_attr("num_input")
+    x = np.random.default_rng(2).standard_normal(x_shape).astype(F32)
+    got = run_on_neon(new, [x] + [a for _, a in named], tmp_path)
+    ref = np.maximum(_conv_ref64(x, weights[0][1], (2, 1), (1, 1, 1, 1)) * weights[1][1].reshape(1, -1, 1, 1), 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _onnx_block(path, ci, co, h, w):
+    """Conv 3x3 (+ bias) -> BatchNormalization -> + residual -> Relu, random weights (a ResNet block's end)."""
+    rng = np.random.default_rng(ci + co + h + w)
+    inits = [numpy_helper.from_array(rng.standard_normal((co, ci, 3, 3)).astype(F32), "w"),
+             numpy_helper.from_array(rng.standard_normal(co).astype(F32), "b"),
+             numpy_helper.from_array(rng.standard_normal((1, co, h, w)).astype(F32), "res")]
+    for name, arr in (("g", rng.random(co) + 0.5), ("beta", rng.standard_normal(co)),
+                      ("mean", rng.standard_normal(co)), ("var", rng.random(co) + 0.5)):
+        inits.append(numpy_helper.from_array(arr.astype(F32), name))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["n"]),
+             helper.make_node("Add", ["n", "res"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "blk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ci, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co, h, w])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("pack", ["1", "0"])
+def test_build_matches_onnxruntime(tmp_path, monkeypatch, pack):
+    from edgecc.build import build_artifact
+    from edgecc.runtime_bridge.host import load_artifact
+
+    monkeypatch.setenv("EDGECC_PACK_CONV", pack)
+    ci, co, h, w = 19, 64, 13, 11
+    path = tmp_path / "blk.onnx"
+    _onnx_block(path, ci, co, h, w)
+    result = build_artifact(str(path), str(tmp_path / "out"), target="host")
+    nr = cpu_params(HOST).nr(32)
+    shapes = [p["shape"] for p in result.manifest["params"]]
+    assert ([co // nr, ci, 3, 3, nr] in shapes) == (pack == "1"), shapes
+    x = np.random.default_rng(7).standard_normal((1, ci, h, w)).astype(F32)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = load_artifact(tmp_path / "out").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
