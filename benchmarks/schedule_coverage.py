@@ -13,7 +13,8 @@ the onnx wheel's ``shufflenet-rw``, depthwise + grouped convolutions), and the t
 Nothing runs. Why not whole builds: which rule schedules a kernel is decided in the lowering pipeline
 (`edgecc.ir_passes.pipeline.relax_pipeline`, the one `edgecc build` uses); codegen and linking add minutes per
 model and target and change nothing here. So ONNX models go through `build_artifact`'s stages up to "lower"
-(load, import, lift weight transforms: once per model; the pipeline: once per target), and the report is
+(load, import, lift weight transforms: once per model; the build's weight rewrites, `rewrite_weights`, and the
+pipeline: once per target), and the report is
 `edgecc.schedules.schedule_report` of the lowered module. The LLM goes through its own build
 (`build_llm_artifact`, with the KV-cache rewrite): in full for the first target, whose manifest's
 ``schedules.unscheduled`` is cross-checked against the lowered module's report, and up to lowering for the
@@ -124,8 +125,10 @@ def export_model(name: str, workdir: Path) -> Path:
 
 
 def lowered_onnx(onnx_path: Path, targets: list[str]) -> dict:
-    """target -> lowered IRModule, for `edgecc build`'s pipeline (import and weight lifting shared by targets)."""
-    from edgecc.build import lift_weight_transforms
+    """target -> lowered IRModule, for `edgecc build`'s pipeline (import and weight lifting shared by targets;
+    the per-target weight rewrites of a build, `rewrite_weights`, applied for each: GEMV and conv weight panels,
+    1x1 convs as GEMMs)."""
+    from edgecc.build import lift_weight_transforms, rewrite_weights
     from edgecc.frontend.importer import import_model
     from edgecc.frontend.loader import load_model
     from edgecc.frontend.signature import bind_dims, read_signature
@@ -135,8 +138,13 @@ def lowered_onnx(onnx_path: Path, targets: list[str]) -> dict:
     model = load_model(onnx_path)
     imported = import_model(model, bind_dims(read_signature(model), {}))
     del model
-    deploy_mod, _, _ = lift_weight_transforms(imported)
-    return {t: relax_pipeline(get_target(t), with_schedules=True)(deploy_mod) for t in targets}
+    deploy_mod, _, named_weights = lift_weight_transforms(imported)
+    out = {}
+    for t in targets:
+        spec = get_target(t)
+        mod, _ = rewrite_weights(deploy_mod, named_weights, spec)
+        out[t] = relax_pipeline(spec, with_schedules=True)(mod)
+    return out
 
 
 def lowered_llm(export_dir: Path, targets: list[str], workdir: Path) -> dict:

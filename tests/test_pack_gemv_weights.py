@@ -119,3 +119,34 @@ def test_build_matches_onnxruntime(tmp_path, n, gemm):
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = load_artifact(tmp_path / "out").run({"x": x})["y"]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_panel_width_prefers_whole_vectors():
+    """1000 columns on 4-lane NEON: 125 panels of 8 (two vectors), not 100 of 10 (two and a half), which the
+    contraction analysis read with the panel index as vector axis and the GEMV template refused."""
+    neon = cpu_params(get_target("arm-neon"))
+    assert panel_width(1000, neon, 32) == 8
+    assert panel_width(1000, cpu_params(get_target("x86-avx512")), 32) == 40  # no whole vectors divide 1000
+    assert panel_width(576, neon, 32) == neon.gemv_nr(32)
+
+
+@pytest.mark.cross
+def test_neon_gemv_panels_under_qemu(neon_runs, tmp_path):
+    """A classifier-head GEMV (1 x 64 @ 64 x 1000) on arm-neon: packed, scheduled by the matmul rule, and
+    right under qemu against float64."""
+    from edgecc.ir_passes.pipeline import relax_pipeline
+    from edgecc.schedules import schedule_report
+    from tests.test_schedules import run_on_neon
+
+    neon = get_target("arm-neon")
+    k, n = 64, 1000
+    rng = np.random.default_rng(5)
+    w, b = rng.standard_normal((k, n)).astype("float32"), rng.standard_normal(n).astype("float32")
+    new, named, count = pack_gemv_weights(_module(1, k, n), [("w", w), ("b", b)], neon)
+    assert count == 1
+    report = schedule_report(relax_pipeline(neon)(new))
+    assert [r for name, r in report.items() if "einsum" in name] == ["matmul"], report
+    new["main"] = new["main"].without_attr("num_input")
+    x = rng.standard_normal((1, k)).astype("float32")
+    got = run_on_neon(new, [x] + [a for _, a in named], tmp_path)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w + b, rtol=1e-4, atol=1e-4)

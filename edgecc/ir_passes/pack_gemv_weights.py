@@ -31,15 +31,22 @@ import tvm
 from tvm import relax
 
 from edgecc.ir_passes.rebind import replace_bindings, static_dims, var_uses, with_function
-from edgecc.schedules.contraction import half_vector_width
+from edgecc.schedules.contraction import choose_tile_width, half_vector_width
 from edgecc.schedules.params import CpuParams, cpu_params
 from edgecc.targets.registry import TargetSpec
 
 
 def panel_width(n: int, params: CpuParams, dtype_bits: int) -> int | None:
-    """The panel width for an N-wide weight: the GEMV schedule's tile when it divides N (`gemv_nr`, else the
-    widest whole number of half-vectors that does), so the schedule never pads a panel."""
-    return half_vector_width(n, params.gemv_nr(dtype_bits), params.lanes(dtype_bits))
+    """The panel width for an N-wide weight: the widest whole number of vectors up to the GEMV schedule's tile
+    (`gemv_nr`) that divides N, else the widest whole number of half-vectors that does, so the schedule never
+    pads a panel. Whole vectors first: with a half-vector width and a panel count that is a multiple of the
+    vector (1000 = 100 x 10 on 4-lane NEON) the contraction analysis takes the panel index as vector axis and
+    the GEMV template refuses the kernel (1000 = 125 x 8 instead)."""
+    lanes = params.lanes(dtype_bits)
+    width, needs_pad = choose_tile_width(n, params.gemv_nr(dtype_bits), lanes)
+    if not needs_pad:
+        return width
+    return half_vector_width(n, params.gemv_nr(dtype_bits), lanes)
 
 
 def pack_panels(w: np.ndarray, nr: int) -> np.ndarray:

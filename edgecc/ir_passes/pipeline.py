@@ -47,6 +47,9 @@ def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
         relax.transform.FuseTIR(),
         # pure reshapes -> views now: once a schedule has split their loops TVM no longer recognises them
         relax.transform.RewriteDataflowReshape(),
+        # ... and drop the reshape kernels no call reads any more (else they are scheduled, compiled and,
+        # in `edgecc tune`, tuned for nothing)
+        relax.transform.DeadCodeElimination(),
     ]
 
 
