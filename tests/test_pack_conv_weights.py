@@ -20,32 +20,11 @@ from edgecc.ir_passes.pack_conv_weights import (  # noqa: E402
 from edgecc.ir_passes.pipeline import relax_pipeline  # noqa: E402
 from edgecc.schedules.params import cpu_params  # noqa: E402
 from edgecc.targets.registry import get_target  # noqa: E402
+from tests.test_conv1x1_as_matmul import _conv_module, _weights  # noqa: E402  (relu(conv * s), its weights)
 
 R = relax.op
 F32 = "float32"
 HOST = get_target("host")
-
-
-def _conv_module(x_shape, w_shape, epilogue=True, **conv_attrs):
-    """main(x, w, s) = relu(conv2d(x, w) * reshape(s, [1, co, 1, 1])) (num_input 1: w and s are weights)."""
-    co = w_shape[0]
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
-    w = relax.Var("w", relax.TensorType(list(w_shape), F32))
-    s = relax.Var("s", relax.TensorType([co], F32))
-    with bb.function("main", [x, w, s], attrs={"num_input": 1}):
-        with bb.dataflow():
-            y = bb.emit(R.nn.conv2d(x, w, **conv_attrs))
-            if epilogue:
-                y = bb.emit(R.multiply(y, R.reshape(s, [1, co, 1, 1])))
-            out = bb.emit_output(R.nn.relu(y))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _weights(w_shape, seed=0):
-    rng = np.random.default_rng(seed)
-    return [("w", rng.standard_normal(w_shape).astype(F32)), ("s", rng.random(w_shape[0]).astype(F32))]
 
 
 def _conv_ref64(x, w, stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1)):
@@ -94,7 +73,8 @@ def test_ir_before_after():
         with bb.dataflow():
             y = bb.emit(relax.call_tir(kernel, [x, wp], relax.TensorType([1, 64, 9, 7], F32)))
             y = bb.emit(R.multiply(y, R.reshape(s, [1, 64, 1, 1])))
-            out = bb.emit_output(R.nn.relu(y))
+            y = bb.emit(R.nn.relu(y))
+            out = bb.emit_output(y)
         bb.emit_func_output(out)
     tvm.ir.assert_structural_equal(new, bb.get())
     np.testing.assert_array_equal(named[0][1], pack_conv_panels(weights[0][1], nr))

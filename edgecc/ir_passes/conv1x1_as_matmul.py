@@ -36,7 +36,7 @@ import tvm
 from tvm import relax
 
 from edgecc.ir_passes.fold_batchnorm import fold_batchnorm_function
-from edgecc.ir_passes.rebind import op_name, replace_bindings, static_dims, var_uses, with_function
+from edgecc.ir_passes.rebind import op_name, replace_bindings, static_dims, var_uses, weight_params, with_function
 from edgecc.schedules.contraction import choose_tile_width
 from edgecc.schedules.params import cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -99,10 +99,7 @@ def conv1x1_as_matmul(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
     func = mod[func_name]
     if "num_input" not in (func.attrs or {}):
         return mod, list(named_weights), 0
-    num_input = int(func.attrs["num_input"])
-    wvars = list(func.params[num_input:])
-    if len(wvars) != len(named_weights):
-        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    num_input, wvars = weight_params(func, named_weights, func_name)
     convs = []
     for block in func.body.blocks:
         if isinstance(block, relax.DataflowBlock):

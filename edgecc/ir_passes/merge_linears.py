@@ -37,7 +37,7 @@ import tvm
 from tvm import relax
 
 from edgecc.compress.schemes import STORAGE_TILE, QuantScheme, column_tile, tile_columns
-from edgecc.ir_passes.rebind import replace_bindings, static_dims, with_function
+from edgecc.ir_passes.rebind import replace_bindings, static_dims, weight_params, with_function
 from edgecc.ir_passes.compression import LAYER_KEYS, QUANT_MATMUL, attrs_dict, quantized_matmul
 
 #: what can merge: float matmuls over weight parameters, edgecc.quantized_matmul calls
@@ -204,10 +204,7 @@ def merge_linears(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarray]]
     groups = _private_groups(func, find_groups(func, kinds))
     if not groups:
         return mod, list(named_weights), 0
-    num_input = int(func.attrs["num_input"])
-    wvars = list(func.params[num_input:])
-    if len(wvars) != len(named_weights):
-        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    num_input, wvars = weight_params(func, named_weights, func_name)
     index = {v: i for i, v in enumerate(wvars)}
     bb = relax.BlockBuilder()
     replace: dict = {}  # binding var -> new bindings emitted in its place

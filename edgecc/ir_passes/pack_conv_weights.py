@@ -31,7 +31,8 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from edgecc.ir_passes.rebind import op_name, replace_bindings, static_dims, var_uses, with_function
+from edgecc.ir_passes.rebind import (op_name, replace_bindings, static_dims, swap_weights, var_uses, weight_params,
+                                     with_function)
 from edgecc.schedules.contraction import choose_tile_width
 from edgecc.schedules.params import cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -104,10 +105,7 @@ def pack_conv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
     if spec.device != "cpu" or "num_input" not in (func.attrs or {}):
         return mod, list(named_weights), 0
     params = cpu_params(spec)
-    num_input = int(func.attrs["num_input"])
-    wvars = list(func.params[num_input:])
-    if len(wvars) != len(named_weights):
-        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    num_input, wvars = weight_params(func, named_weights, func_name)
     weights = set(wvars)
     sites: dict = {}  # weight var -> [(binding, x dims, W dims, attrs)]
     for block in func.body.blocks:
@@ -150,16 +148,8 @@ def pack_conv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
             call = relax.call_tir(kernels[key], [b.value.args[0], wp], b.var.ty)
             replace[b.var] = [relax.VarBinding(b.var, call)]
     body = replace_bindings(func, replace)
-    new_params = list(func.params[:num_input])
-    named = []
-    for v, (name, arr) in zip(wvars, named_weights):
-        if v in packed:
-            wp, nr = packed[v]
-            new_params.append(wp)
-            named.append((name, pack_conv_panels(arr, nr)))
-        else:
-            new_params.append(v)
-            named.append((name, arr))
+    new_params, named = swap_weights(func, num_input, named_weights, {v: wp for v, (wp, _) in packed.items()},
+                                     lambda v, arr: pack_conv_panels(arr, packed[v][1]))
     return with_function(bb.get(), func_name, func, new_params, body, bb), named, len(packed)
 
 

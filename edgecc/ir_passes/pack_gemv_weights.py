@@ -30,7 +30,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgecc.ir_passes.rebind import replace_bindings, static_dims, var_uses, with_function
+from edgecc.ir_passes.rebind import (replace_bindings, static_dims, swap_weights, var_uses, weight_params,
+                                     with_function)
 from edgecc.schedules.contraction import choose_tile_width, half_vector_width
 from edgecc.schedules.params import CpuParams, cpu_params
 from edgecc.targets.registry import TargetSpec
@@ -91,10 +92,7 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
     if spec.device != "cpu" or "num_input" not in (func.attrs or {}):
         return mod, list(named_weights), 0
     params = cpu_params(spec)
-    num_input = int(func.attrs["num_input"])
-    wvars = list(func.params[num_input:])
-    if len(wvars) != len(named_weights):
-        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    num_input, wvars = weight_params(func, named_weights, func_name)
     uses = var_uses(func)
     candidates = _gemv_bindings(func, set(wvars), params.gemv_max_rows)
     packed: dict = {}  # old weight var -> (new var, panel width)
@@ -125,16 +123,8 @@ def pack_gemv_weights(mod: tvm.IRModule, named_weights: list[tuple[str, np.ndarr
                 relax.VarBinding(var, bb.normalize(relax.op.reshape(h, xd[:-1] + [n]))),
             ]
     body = replace_bindings(func, replace)
-    new_params = list(func.params[:num_input])
-    named = []
-    for v, (name, arr) in zip(wvars, named_weights):
-        if v in packed:
-            wp, nr = packed[v]
-            new_params.append(wp)
-            named.append((name, pack_panels(arr, nr)))
-        else:
-            new_params.append(v)
-            named.append((name, arr))
+    new_params, named = swap_weights(func, num_input, named_weights, {v: wp for v, (wp, _) in packed.items()},
+                                     lambda v, arr: pack_panels(arr, packed[v][1]))
     return with_function(mod, func_name, func, new_params, body, bb), named, len(packed)
 
 

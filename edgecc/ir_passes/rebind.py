@@ -59,3 +59,28 @@ def static_dims(ty) -> list[int] | None:
 def op_name(call) -> str:
     """The Relax op a call applies ("relax.nn.conv2d"), or "" for anything else (a call_tir, a var)."""
     return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
+
+
+def weight_params(func: relax.Function, named_weights: list, func_name: str) -> tuple[int, list]:
+    """(num_input, the weight parameters) of a build function: its params after `num_input` are the weights,
+    one per entry of `named_weights` (a mismatch is a bug in the build, not a user error)."""
+    num_input = int(func.attrs["num_input"])
+    wvars = list(func.params[num_input:])
+    if len(wvars) != len(named_weights):
+        raise RuntimeError(f"{len(named_weights)} weights for {len(wvars)} weight parameters of '{func_name}'")
+    return num_input, wvars
+
+
+def swap_weights(func: relax.Function, num_input: int, named_weights: list, new_vars: dict, transform) -> tuple:
+    """(new params, new named weights): each weight parameter that is a key of `new_vars` becomes its new var,
+    and its array `transform(old var, array)` (the layout the rewrite stores); the others stay as they are."""
+    params = list(func.params[:num_input])
+    named = []
+    for v, (name, arr) in zip(func.params[num_input:], named_weights):
+        if v in new_vars:
+            params.append(new_vars[v])
+            named.append((name, transform(v, arr)))
+        else:
+            params.append(v)
+            named.append((name, arr))
+    return params, named
