@@ -128,3 +128,18 @@ def test_output_views_any_dtype_never_alias():
     assert not np.shares_memory(out[0], out[1])  # the same result twice: the second is a copy
     assert out[2].ctypes.data != x.data_ptr()  # an input passed through: a copy
     np.testing.assert_array_equal(out[3].astype(np.float32), np.arange(8))  # a bfloat16 weight: a copy
+
+
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_pool_threads_unpinned_unless_asked(monkeypatch, preset):
+    """set_num_threads leaves TVM's pool unpinned (TVM_BIND_THREADS=0) unless the environment says otherwise."""
+    import os
+
+    from edgecc.runtime_bridge.host import default_num_threads, set_num_threads
+
+    if preset is None:
+        monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TVM_BIND_THREADS", preset)
+    set_num_threads(default_num_threads())
+    assert os.environ["TVM_BIND_THREADS"] == (preset or "0")
