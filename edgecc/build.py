@@ -87,8 +87,9 @@ def lift_weight_transforms(imported):
 
 def rewrite_weights(deploy_mod, named_weights, spec: TargetSpec):
     """The build-time weight rewrites after compression: q/k/v and gate/up merged into one matmul each, 1x1
-    convs as GEMMs and the other conv weights cut into panels (CPU), then GEMV weights stored as column panels. `edgecc tune` and the kernel profiler call this too, so the kernels
-    they time are the ones a build has. (LLM builds merge only: see `build_llm._import_graph`.)"""
+    convs as GEMMs and the other conv weights cut into panels (CPU), then GEMV weights stored as column
+    panels. `edgecc tune` and the kernel profiler call this too, so the kernels they time are the ones a
+    build has. (LLM builds merge only: see `build_llm._import_graph`.)"""
     from edgecc.ir_passes.merge_linears import merge_for_build
     from edgecc.ir_passes.pack_gemv_weights import pack_for_build
 
