@@ -37,6 +37,7 @@ import tvm
 from tvm import relax, tirx
 
 from edgecc.compress.schemes import QuantScheme
+from edgecc.schedules.te_conv import conv_out_hw
 
 QUANT_MATMUL = "edgecc.quantized_matmul"
 QUANT_GATHER = "edgecc.quantized_gather"
@@ -160,18 +161,12 @@ def _legalize_gather(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 # `strides` [2], `padding` [top, left, bottom, right], `dilation` [2], `kernel` [kh, kw].
 
 
-def _conv_out_hw(h, w, attrs: dict):
-    (sh, sw), (dh, dw), (kh, kw) = attrs["strides"], attrs["dilation"], attrs["kernel"]
-    pt, pl, pb, pr = attrs["padding"]
-    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-
-
 def _infer_conv_type(call: relax.Call, _ctx=None):
     x = call.args[0].ty
     if not isinstance(x, relax.TensorType) or x.shape is None:
         return relax.TensorType(ndim=4, dtype=x.dtype if isinstance(x, relax.TensorType) else "float32")
     n, _, h, w = list(x.shape.values)
-    oh, ow = _conv_out_hw(h, w, attrs_dict(call.attrs))
+    oh, ow = conv_out_hw(h, w, attrs_dict(call.attrs))
     return relax.TensorType([n, int(call.attrs["out_features"]), oh, ow], x.dtype)
 
 
@@ -183,7 +178,7 @@ def _legalize_conv(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     scheme = QuantScheme.from_attrs(attrs)
     x = call.args[0]
     n, c, h, w = (int(d) for d in x.ty.shape.values)
-    oh, ow = _conv_out_hw(h, w, attrs)
+    oh, ow = conv_out_hw(h, w, attrs)
     o = int(attrs["out_features"])
     dtype = str(x.ty.dtype)
     target = tvm.target.Target.current(allow_none=True)

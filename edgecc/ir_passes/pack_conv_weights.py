@@ -35,6 +35,7 @@ from edgecc.ir_passes.rebind import (op_name, replace_bindings, static_dims, swa
                                      with_function)
 from edgecc.schedules.contraction import choose_tile_width
 from edgecc.schedules.params import cpu_params
+from edgecc.schedules.te_conv import conv_out_hw, i64, zero_padded
 from edgecc.targets.registry import TargetSpec
 
 
@@ -44,32 +45,20 @@ def pack_conv_panels(w: np.ndarray, nr: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(co // nr, nr, ci, kh, kw).transpose(0, 2, 3, 4, 1))
 
 
-def _i64(v: int):
-    return tirx.IntImm("int64", v)  # Relax's TIR shapes are int64
-
-
 def conv2d_panels_primfunc(xd: list[int], co: int, kh: int, kw: int, nr: int, strides, padding, dilation,
                            dtype: str) -> tirx.PrimFunc:
     """The NCHW conv reading the [co / nr, ci, kh, kw, nr] weight panels (module docstring)."""
     n, ci, h, w = xd
     (sh, sw), (dh, dw) = strides, dilation
-    pt, pl, pb, pr = padding
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    x = te.placeholder([_i64(d) for d in xd], dtype, name="x")
-    wp = te.placeholder([_i64(co // nr), _i64(ci), _i64(kh), _i64(kw), _i64(nr)], dtype, name="w_panels")
-    src = x
-    if pt or pl or pb or pr:
-        def padded(b, c, yy, xx):
-            inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
-            return tirx.if_then_else(inside, x[b, c, yy - pt, xx - pl], tirx.const(0, dtype))
-
-        src = te.compute((_i64(n), _i64(ci), _i64(h + pt + pb), _i64(w + pl + pr)), padded, name="pad_temp")
-    rc = te.reduce_axis((0, _i64(ci)), name="rc")
-    ry = te.reduce_axis((0, _i64(kh)), name="ry")
-    rx = te.reduce_axis((0, _i64(kw)), name="rx")
+    oh, ow = conv_out_hw(h, w, {"strides": strides, "dilation": dilation, "kernel": (kh, kw), "padding": padding})
+    x = te.placeholder([i64(d) for d in xd], dtype, name="x")
+    wp = te.placeholder([i64(co // nr), i64(ci), i64(kh), i64(kw), i64(nr)], dtype, name="w_panels")
+    src = zero_padded(x, padding, "pad_temp")
+    rc = te.reduce_axis((0, i64(ci)), name="rc")
+    ry = te.reduce_axis((0, i64(kh)), name="ry")
+    rx = te.reduce_axis((0, i64(kw)), name="rx")
     y = te.compute(
-        (_i64(n), _i64(co), _i64(oh), _i64(ow)),
+        (i64(n), i64(co), i64(oh), i64(ow)),
         lambda b, f, yy, xx: te.sum(src[b, rc, yy * sh + ry * dh, xx * sw + rx * dw]
                                     * wp[f // nr, rc, ry, rx, f % nr], axis=[rc, ry, rx]),
         name="conv2d_nchw")

@@ -38,20 +38,12 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from edgecc.compress.schemes import QuantScheme
+from edgecc.schedules.te_conv import conv_out_hw, zero_padded  # noqa: F401 (conv_out_hw: re-export)
+from edgecc.schedules.te_conv import i64 as _i64
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_NAME = "quantized_conv2d"
-
-
-def conv_out_hw(h: int, w: int, attrs: dict) -> tuple[int, int]:
-    (sh, sw), (dh, dw), (kh, kw) = attrs["strides"], attrs["dilation"], attrs["kernel"]
-    pt, pl, pb, pr = attrs["padding"]
-    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-
-
-def _i64(v: int):
-    return tirx.IntImm("int64", v)  # Relax's TIR shapes are int64
 
 
 def _weight_decoder(k: int, o: int, scheme: QuantScheme):
@@ -110,15 +102,7 @@ def quantized_conv2d_compute(n: int, c: int, h: int, w: int, o: int, attrs: dict
 
     wf = te.compute((_i64(o), _i64(c), _i64(kh), _i64(kw)), weight, name="wdecode")
 
-    src = x
-    if pt or pl or pb or pr:
-        hp, wp = h + pt + pb, w + pl + pr
-
-        def padded(b, ci, yy, xx):
-            inside = tirx.all(yy >= pt, yy < pt + h, xx >= pl, xx < pl + w)
-            return tirx.if_then_else(inside, src[b, ci, yy - pt, xx - pl], tirx.const(0, src.dtype))
-
-        src = te.compute((_i64(n), _i64(c), _i64(hp), _i64(wp)), padded, name="pad")
+    src = zero_padded(x, attrs["padding"], "pad")
 
     rc = te.reduce_axis((0, _i64(c)), name="rc")
     ry = te.reduce_axis((0, _i64(kh)), name="ry")
