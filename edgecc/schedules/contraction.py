@@ -154,12 +154,11 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
             ext,
         )
         if best is None or score > best[0]:
-            best = (score, var, vi)
+            best = (score, var, vi, prepacked)
     if best is None:
         return None
-    _, v_var, vi = best
+    _, v_var, vi, prepacked_nr = best
     vload, sload = loads[vi], loads[1 - vi]
-    prepacked_nr = _prepacked_width(vload.indices, v_var)
     s_only = [x for x in spatial if not x.same_as(v_var) and x in uses[1 - vi] and x not in uses[vi]]
     r_var = None
     for idx in reversed(list(body.indices)):

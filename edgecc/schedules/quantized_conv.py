@@ -38,7 +38,7 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from edgecc.compress.schemes import QuantScheme
-from edgecc.schedules.te_conv import conv_out_hw, zero_padded  # noqa: F401 (conv_out_hw: re-export)
+from edgecc.schedules.te_conv import conv_out_hw, zero_padded
 from edgecc.schedules.te_conv import i64 as _i64
 
 log = logging.getLogger(__name__)
