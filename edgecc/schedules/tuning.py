@@ -67,6 +67,9 @@ EVAL_MIN_REPEAT_MS = 50
 APPLY_MARGIN = 0.98  # a tuned record replaces the default schedule only when at least 2% faster than it
 CONFIRM_ROUNDS = 5  # paired confirmation: default and record each timed this many times, alternating
 CONFIRM_PLAUSIBLE = 1.25  # records slower than this x the baseline are not worth confirming
+# one task's confirmation = two builds + CONFIRM_ROUNDS runs of each, costed in measured trials (a trial is a
+# build and a run; measured: 2.8 s for one confirmation at 0.4 s per trial)
+CONFIRM_TRIALS = CONFIRM_ROUNDS + 2
 CONFIRM_RESERVE = 0.15  # share of --time-budget kept for the confirmation after the search
 XGB_THREADS = int(os.environ.get("EDGECC_XGB_THREADS", "1"))  # xgboost on tiny training sets: 1 thread is faster
 
@@ -690,8 +693,6 @@ def tune_model(
     """
     t0 = time.perf_counter()
     deadline = t0 + time_budget_s if time_budget_s is not None else math.inf
-    # the search stops early enough to leave the confirmation its share of the budget
-    search_deadline = deadline - CONFIRM_RESERVE * time_budget_s if time_budget_s is not None else math.inf
     say = progress or (lambda _event: None)
     if trials < 0:
         raise EdgeccError(f"--trials must not be negative (got {trials})",
@@ -793,6 +794,16 @@ def tune_model(
     stopped_by = "search exhausted"
     per_trial_s: float | None = None  # running estimate: build + measure of one candidate
     gen_times: list[float] = []  # how long generating the last batches took
+    update_s = 0.0  # how long the last cost-model update after a batch took
+
+    def search_left() -> float:
+        """Seconds the search may still use: the budget less the confirmation's share, or what confirming
+        the biggest task is estimated to cost if that is more (on a loaded machine it is)."""
+        if time_budget_s is None:
+            return math.inf
+        reserve = max(CONFIRM_RESERVE * time_budget_s, CONFIRM_TRIALS * (per_trial_s or 0.0))
+        return deadline - reserve - time.perf_counter()
+
     try:
         per_trial_s = _measure_baselines(spec, states, database_dir, builder, runner, device_type, deadline, event)
         while True:
@@ -807,7 +818,7 @@ def tune_model(
             # generating a batch costs seconds (more for big kernels): start one only if it and one
             # measurement fit in what is left of the budget
             gen_estimate = state.gen_s if state.gen_s is not None else max(gen_times[-4:], default=0.0)
-            if search_deadline - time.perf_counter() <= gen_estimate + (per_trial_s or 0.0):
+            if search_left() <= gen_estimate + (per_trial_s or 0.0) + update_s:
                 stopped_by = "time budget"
                 break
             t_gen = time.perf_counter()
@@ -829,7 +840,7 @@ def tune_model(
             candidates = list(candidates)[: trials - trials_done]
             measured, builds, results = [], [], []
             for cand in candidates:
-                if time.perf_counter() + (per_trial_s or 0.0) > search_deadline:
+                if search_left() < (per_trial_s or 0.0) + update_s:
                     break
                 t_trial = time.perf_counter()
                 build, result = _measure(builder, runner, cand.sch.mod, cand.args_info, tvm_target, device_type)
@@ -851,15 +862,17 @@ def tune_model(
                       trials_done=trials_done, task=state.report.name, task_best_ms=state.report.best_ms,
                       tasks_total=len(states))
             if measured:
+                t_update = time.perf_counter()
                 state.ctx.notify_runner_results(measured, results)
                 _update_cost_model(cost_model, state.ctx, measured, builds, results)
+                update_s = time.perf_counter() - t_update
             if state.report.trials >= per_task:
                 _retire(state)
             if len(measured) < len(candidates) and trials_done < trials:
                 stopped_by = "time budget"
                 break
         _confirm_best_records(spec, states, database, database_dir, builder, runner, device_type, deadline,
-                              event)
+                              CONFIRM_TRIALS * (per_trial_s or 0.0), event)
     finally:
         _shutdown_runner(runner)
         for state in states:
@@ -957,7 +970,7 @@ def _measure_baselines(spec, states, database_dir, builder, runner, device_type,
 
 
 def _confirm_best_records(spec, states, database, database_dir, builder, runner, device_type, deadline,
-                          event) -> None:
+                          estimate_s, event) -> None:
     """Re-time each task's best record against its default schedule, alternately, and keep the verdict.
 
     The baseline was timed before the search and the record during it, minutes apart; on a shared machine
@@ -1002,15 +1015,18 @@ def _confirm_best_records(spec, states, database, database_dir, builder, runner,
                 "default_hash"):
             _report_confirmation(state, known)  # confirmed by an earlier run, nothing changed since
             continue
-        # one round = one run of each; estimate from the baseline and record times plus the run overhead
-        if time.perf_counter() > deadline:
+        # started only if it is expected to end within the budget: estimated from the trials' cost, then
+        # from the last confirmation's
+        if time.perf_counter() + estimate_s > deadline:
             event("confirm", f"time budget spent: {len(todo) - i} kernel(s) not confirmed (not applied); "
                   "run `edgecc tune` again on this database to confirm them")
             break
         event("confirm", f"{state.report.name}: re-timing the best record against the default schedule",
               task=state.report.name, tasks_total=len(states))
         args_info = ms.arg_info.ArgInfo.from_prim_func(workload["main"])
+        t_confirm = time.perf_counter()
         times = _paired_times(builder, runner, [default_mod, sch.mod], args_info, target, device_type)
+        estimate_s = time.perf_counter() - t_confirm
         if times is None:
             continue
         d_ms, t_ms = times
