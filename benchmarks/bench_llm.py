@@ -14,6 +14,8 @@ Runtimes (each in its own worker process, driven in strict alternation with a pa
 * ``ort-int4-acc0``/``ort-int4-acc4``: onnxruntime on the graphs quantized by its MatMulNBitsQuantizer
   (4-bit, block 32, asym; accuracy level 0 = fp32 compute, 4 = int8 compute)
 * ``llama.cpp``    : llama-cpp-python on the GGUF itself (Q4_1 weights, Q8_0 embedding), ``n_threads`` = cores
+* ``edgecc@PATH``  : an artifact of the same export built elsewhere (e.g. `--runtimes edgecc-w4,edgecc@/tmp/w4-old`
+  times a code change against the previous build in one run)
 
 Per round and runtime: TTFT = one 128-token prompt from an empty context to its next-token logits; decode =
 ``--steps`` single-token steps at each context length (median per step -> tokens/s). At context C > 128
@@ -223,6 +225,11 @@ def prepare(workdir: Path, runtimes: list[str], max_context: int) -> dict[str, s
                 elif kind == "edgecc-w4a8":
                     cmd += ["--quantize", "w4g32a8-asym"]
                 _run(cmd)
+            paths[kind] = str(art)
+        elif kind.startswith("edgecc@"):  # an artifact built elsewhere (A/B of two builds in one run)
+            art = Path(kind.split("@", 1)[1]).expanduser()
+            if not (art / "manifest.json").exists():
+                raise SystemExit(f"{kind}: no edgecc artifact there (no manifest.json)")
             paths[kind] = str(art)
         elif kind == "ort-fp32":
             paths[kind] = str(export)

@@ -1,5 +1,5 @@
 """4-bit weights x float activations for decode GEMVs (edgecc/schedules/int4_float.py): the hand-written kernel
-(AVX-512 and AVX2 here, NEON under qemu; AVX2 and NEON are opt-in) and the generic kernel of the same scheme
+(AVX-512 with its shifted and paired decodes and AVX2 here, NEON under qemu; AVX2 and NEON are opt-in) and the generic kernel of the same scheme
 against the float64 product of x and the dequantized weight, on rows 1..4, groups 32/64/128 and per channel,
 symmetric and asymmetric codes, and column counts that do not split evenly into jobs; then which kernel the
 dispatch picks."""
@@ -59,20 +59,26 @@ def _run(kernel, arrays, m, n, target):
     return vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
 
 
-def _kernel(qt, m, k, n, lanes_regs, cores=2):
+def _kernel(qt, m, k, n, lanes_regs, cores=2, paired=False):
     tile = qt.scheme.stored_shapes(k, n)["scales"][0][2]
     assert int4_float.supports(lanes_regs, 4, qt.scheme.group_for(k), k, n, tile, m)
     return int4_float.int4_float_matmul_kernel(m, k, n, qt.scheme.group_for(k), tile, lanes_regs[0],
-                                               qt.scheme.symmetric, lanes_regs[1], cores=cores)
+                                               qt.scheme.symmetric, lanes_regs[1], cores=cores, paired=paired)
 
 
+@pytest.mark.parametrize("decode", ["shifted", "paired"])
 @pytest.mark.parametrize("scheme,m,k,n", CASES)
-def test_kernel_on_host(scheme, m, k, n):
+def test_kernel_on_host(scheme, m, k, n, decode):
     lanes_regs = int4_float.target_lanes(HOST.tvm())
     if lanes_regs is None:
         pytest.skip("this CPU has neither AVX2 nor AVX-512")
+    paired = decode == "paired"
+    if paired and not int4_float.has_pair_decode(HOST.tvm()):
+        pytest.skip("this CPU has no AVX-512 VBMI")
     x, qt = _case(scheme, m, k, n)
-    _check(_run(_kernel(qt, m, k, n, lanes_regs), _arrays(x, qt), m, n, HOST.tvm()), x, qt)
+    kernel = _kernel(qt, m, k, n, lanes_regs, paired=paired)
+    assert ("pmultishift" in kernel.script()) == paired
+    _check(_run(kernel, _arrays(x, qt), m, n, HOST.tvm()), x, qt)
 
 
 @pytest.mark.parametrize("scheme,m,k,n", CASES[:4])
@@ -97,7 +103,9 @@ def test_extreme_codes_and_one_core_split():
     qt = QuantizedTensor(parse_scheme("w4g32-asym"), pack_bits(codes, 4), scales, zeros, (k, n))
     x = np.full((m, k), 50.0, np.float32)
     x[1, ::2] = -50.0
-    _check(_run(_kernel(qt, m, k, n, lanes_regs, cores=1), _arrays(x, qt), m, n, HOST.tvm()), x, qt)
+    for paired in (False, True) if int4_float.has_pair_decode(HOST.tvm()) else (False,):
+        _check(_run(_kernel(qt, m, k, n, lanes_regs, cores=1, paired=paired), _arrays(x, qt), m, n, HOST.tvm()),
+               x, qt)
 
 
 def test_avx2_kernel_on_host():
@@ -132,6 +140,18 @@ def test_dispatch(monkeypatch):
     assert name(1, tgt=haswell) == int4_float.SCHEDULE_NAME
     monkeypatch.setenv("EDGECC_INT4_FLOAT", "0")
     assert name(1) != int4_float.SCHEDULE_NAME
+    monkeypatch.delenv("EDGECC_INT4_FLOAT")
+
+    def paired(tgt):
+        func, _ = quantized_matmul_primfunc(1, 576, 192, s, tgt)
+        return "pmultishift" in func.script()
+
+    # the paired decode where the target has AVX-512 VBMI (Zen 4 here: compiled, not run), else the shifted one
+    assert paired(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    assert not paired(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))  # AVX-512 without VBMI
+    assert not paired(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    monkeypatch.setenv("EDGECC_INT4_PAIRED", "0")
+    assert not paired(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
 
 
 @pytest.mark.cross

@@ -337,7 +337,8 @@ def quantized_matmul_primfunc(m, k: int, n: int, scheme: QuantScheme, target: tv
         tile = scheme.stored_shapes(k, n)["scales"][0][2]
         if int4_float.enabled(lanes) and int4_float.supports(lanes, scheme.bits, scheme.group_for(k), k, n, tile, m):
             return int4_float.int4_float_matmul_kernel(m, k, n, scheme.group_for(k), tile, lanes[0], scheme.symmetric,
-                                                       lanes[1], cores=_num_cores(target)), True
+                                                       lanes[1], cores=_num_cores(target),
+                                                       paired=int4_float.has_pair_decode(target)), True
     if schedule and scheme.dot_layout and x_dtype == "float32":
         from edgecc.schedules import int8_dot
 
