@@ -141,5 +141,24 @@ def test_pool_threads_unpinned_unless_asked(monkeypatch, preset):
         monkeypatch.delenv("TVM_BIND_THREADS", raising=False)
     else:
         monkeypatch.setenv("TVM_BIND_THREADS", preset)
+    monkeypatch.setenv("TVM_NUM_THREADS", str(default_num_threads()))  # restored after the test
     set_num_threads(default_num_threads())
     assert os.environ["TVM_BIND_THREADS"] == (preset or "0")
+
+
+def test_pool_gets_the_threads_asked_for():
+    """TVM sizes its pool when first used, from $TVM_NUM_THREADS or half the cores, and config_threadpool alone
+    cannot add workers: in a fresh process without the variable, asking for 2 threads must give TVM 2 workers
+    (it gave 1 on a 2-core machine before set_num_threads set the variable)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import tvm_ffi\n"
+            "from edgecc.runtime_bridge.host import set_num_threads\n"
+            "set_num_threads(2)\n"
+            "print(tvm_ffi.get_global_func('runtime.NumThreads')())\n")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "2"

@@ -41,9 +41,17 @@ def set_num_threads(n: int) -> None:
     between decode steps) has to wait for its one core: measured here, a decode step woken from a
     200 ms pipe read took 15-16 ms pinned and 9-10 ms unpinned, the same as back-to-back steps.
     The pool is rebuilt by the call below, which reads the variable.
+
+    TVM sizes its pool once, when it is first used, from $TVM_NUM_THREADS, else half the cores (it assumes
+    SMT: one thread on this 2-core machine), and `config_threadpool` can only use fewer workers than that,
+    never more. So the variable is set to `n` first: measured, a 2-thread read kernel ran at 8.9 GB/s after
+    `config_threadpool(1, 2)` alone (one worker, as with 1 thread) and 17.6 GB/s with the variable set. A pool
+    already created with fewer workers (another model loaded earlier in this process) cannot grow.
     """
+    import tvm  # noqa: F401 - loads the runtime library that registers config_threadpool
     import tvm_ffi
 
+    os.environ["TVM_NUM_THREADS"] = str(n)
     os.environ.setdefault("TVM_BIND_THREADS", "0")
     # mode 1 = "little"/any cores; the second argument is the thread count.
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
