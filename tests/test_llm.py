@@ -132,9 +132,11 @@ def test_kv_kernels_numerics():
     np.testing.assert_array_equal(view.numpy(), expected[:, :, :pos + seq])
 
 
-@pytest.mark.parametrize("heads,group,head_dim,pos", [(3, 3, 64, 0), (3, 3, 64, 200), (2, 4, 24, 31)])
+@pytest.mark.parametrize("heads,group,head_dim,pos", [(3, 3, 64, 0), (3, 3, 64, 200), (2, 4, 24, 31), (3, 3, 64, 127),
+                                                     (3, 3, 64, 128), (1, 2, 16, 255), (4, 1, 8, 130)])
 def test_decode_attention_kernel_matches_numpy(heads, group, head_dim, pos):
-    """softmax(q K^T * scale) V over cache rows 0..pos, float64 reference."""
+    """softmax(q K^T * scale) V over cache rows 0..pos, float64 reference; the first row only, rows that end
+    inside and on a 16-row exp vector, the whole 256-row cache, head sizes 8..64."""
     _check_decode_attention(heads, group, head_dim, pos, "float32")
 
 
