@@ -21,9 +21,10 @@ are 16 bits apart, and one `vpmultishiftqb` (a per-byte bit-field move, port 5) 
 code i + 4 in bits 19..22. `vpermps` reads only its index's low 4 bits, so it looks code i up in a
 16-entry table of q / 16 (exact, nothing implicit), and the mask-or above turns bits 19..22 into 1 + q / 16.
 Per word 4 moves + 4 lookups + 4 mask-ors + 8 FMAs = 20 instructions instead of 8 shifts (port 0 only) +
-8 mask-ors + 8 FMAs = 24, and c0 counts the implicit 1.0 of codes 4..7 only. Measured (1 x 576 x 3072 and
-1 x 576 x 49152, weights from DRAM, 2 threads, alternating): 0.92-0.94x the shifted decode's time; SmolLM2 w4
-decode step 1.17x the tokens/s (bench_llm, `edgecc@` A/B).
+8 mask-ors + 8 FMAs = 24, and c0 counts the implicit 1.0 of codes 4..7 only. Measured (2 threads, alternating):
+the GEMV alone at 0.83-0.99x the shifted decode's time with its weights in cache and 0.92-0.97x from DRAM, but
+a whole SmolLM2 w4 decode step within noise of it (two artifacts in one process, 100 alternating steps at
+context 128, twice: shifted/paired 0.991 and 0.994): the step is bound by memory more than by instructions.
 
 Weights: the ordinary tile-major 4-bit storage [N / T, K / 8, T] uint32 (word w of column c holds the codes of
 k = 8w .. 8w+7, code i in bits 4i..4i+3). A job is `vb` column vectors of one tile over all of K (a whole tile
