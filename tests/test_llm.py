@@ -153,14 +153,12 @@ def _int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stored, q.astype(np.float64) * scale.astype(np.float32)
 
 
-def _check_decode_attention(heads, group, head_dim, pos, kv_dtype):
-    import tvm
-
+def _decode_attention_case(heads, group, head_dim, pos, kv_dtype, max_len=256):
+    """(kernel, [q, k cache, v cache] as stored, float64 reference output)."""
     from edgecc.schedules.attention import decode_attention_kernel
 
-    max_len, scale = 256, 1 / np.sqrt(head_dim)
+    scale = 1 / np.sqrt(head_dim)
     func = decode_attention_kernel(heads, group, head_dim, max_len, scale, "float32", kv_dtype)
-    lib = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target="llvm")
     rng = np.random.default_rng(pos)
     q = rng.standard_normal((1, heads, group, head_dim)).astype(np.float32)
     k = rng.standard_normal((1, heads, max_len, head_dim)).astype(np.float32)
@@ -168,13 +166,42 @@ def _check_decode_attention(heads, group, head_dim, pos, kv_dtype):
     k_in, v_in = k, v
     if kv_dtype == "int8":
         (k_in, k), (v_in, v) = _int8_rows(k), _int8_rows(v)
-    out = tvm.runtime.tensor(np.zeros_like(q))
-    lib["attn"](tvm.runtime.tensor(q), tvm.runtime.tensor(k_in), tvm.runtime.tensor(v_in), pos, out)
     s = np.einsum("hgd,htd->hgt", q[0].astype(np.float64), k[0, :, :pos + 1]) * scale
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    ref = np.einsum("hgt,htd->hgd", p, v[0, :, :pos + 1])
+    return func, [q, k_in, v_in], np.einsum("hgt,htd->hgd", p, v[0, :, :pos + 1])
+
+
+def _check_decode_attention(heads, group, head_dim, pos, kv_dtype):
+    import tvm
+
+    func, (q, k, v), ref = _decode_attention_case(heads, group, head_dim, pos, kv_dtype)
+    lib = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros_like(q))
+    lib["attn"](tvm.runtime.tensor(q), tvm.runtime.tensor(k), tvm.runtime.tensor(v), pos, out)
     np.testing.assert_allclose(out.numpy()[0], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cross
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_decode_attention_kernel_under_qemu(neon_runs, tmp_path, kv_dtype):
+    """The same kernel compiled for arm-neon (its 16-lane sums split into NEON's 4-lane vectors), run under qemu."""
+    import tvm
+    from tvm import relax
+
+    from tests.test_schedules import run_on_neon
+
+    pos = 150
+    func, arrays, ref = _decode_attention_case(3, 3, 64, pos, kv_dtype)
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"a{i}", relax.TensorType(a.shape, str(a.dtype))) for i, a in enumerate(arrays)]
+    with bb.function("main", params):
+        gv = bb.add_func(func, "decode_attention")
+        out = bb.emit(relax.call_tir(gv, params + [relax.prim_value(tvm.tirx.IntImm("int64", pos))],
+                                     relax.TensorType(arrays[0].shape, "float32")))
+        bb.emit_func_output(out)
+    got = run_on_neon(bb.get(), arrays, tmp_path)
+    np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ generation
