@@ -17,7 +17,7 @@ then runs two matmuls and a softmax: about four passes over the cache per layer.
 rows of one KV head (grouped-query attention: the G query heads sharing it), the cache buffers
 `[1, kv_heads, max_context, head_dim]` and the position, and computes ``softmax(q K^T * scale) V`` over rows
 ``0..pos`` reading each cache row once for all G query rows. Parallel over KV heads; dot products use a
-vector of partial sums across ``head_dim``, added up as a tree of vector halves (`lane_sum`: a loop over the
+vector of partial sums across ``head_dim``, added up as a tree of vector halves (`base.lane_sum`: a loop over the
 lanes compiled to 16 dependent scalar adds per score, the kernel's critical path; the tree made the kernel
 1.7-1.9x faster and a SmolLM2 w4 decode step at context 1024 0.93x the time), the
 weighted sum of V rows is vectorized over ``head_dim``, and the exponentials are a vectorized degree-6
@@ -31,6 +31,8 @@ prefill kernel by `edgecc.ir_passes.fuse_attention` (every CPU build, including 
 from __future__ import annotations
 
 from tvm import tirx
+
+from edgecc.schedules.base import lane_sum
 
 OP_PATTERN_OPAQUE = 8
 SCHEDULE_NAME = "edgecc.decode_attention"
@@ -59,15 +61,6 @@ def decode_attention_kernel(kv_heads: int, group: int, head_dim: int, max_len: i
     MP = T.int64((max_len + 15) // 16 * 16)
     scale_c = T.float32(scale)
     neg = T.float32(-3.0e38)
-
-    def lane_sum(vec, n):
-        """The sum of a vector's lanes as a tree of halves (shuffles, log2(n) adds deep). Written as a loop over
-        lanes, LLVM kept the order: a chain of n dependent scalar adds per score, the kernel's critical path."""
-        while n > 1:
-            n //= 2
-            vec = tirx.Shuffle([vec], [tirx.IntImm("int32", i) for i in range(n)]) + \
-                tirx.Shuffle([vec], [tirx.IntImm("int32", i) for i in range(n, 2 * n)])
-        return vec
 
     @T.prim_func(private=True)
     def decode_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos: T.int64, o_h: T.handle):

@@ -133,6 +133,17 @@ def schedule_report(mod: tvm.ir.IRModule) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def lane_sum(vec, lanes: int):
+    """The sum of the `lanes` lanes of the vector expression `vec`, as a tree of halves (`tirx.Shuffle`, log2
+    deep) for hand-written kernels. A TIR loop over the lanes compiles to `lanes` dependent scalar adds: LLVM
+    keeps a float sum's order (in the decode attention kernel that chain was the critical path)."""
+    while lanes > 1:
+        lanes //= 2
+        vec = tirx.Shuffle([vec], [tirx.IntImm("int32", i) for i in range(lanes)]) + \
+            tirx.Shuffle([vec], [tirx.IntImm("int32", i) for i in range(lanes, 2 * lanes)])
+    return vec
+
+
 def vars_in(expr) -> set:
     """The tirx.Vars used in an expression."""
     found = set()

@@ -45,6 +45,7 @@ import os
 
 from tvm import tirx
 
+from edgecc.schedules.base import lane_sum
 from edgecc.schedules.int4_dot import PREFETCH_BYTES, prefetch
 from edgecc.schedules.int8_dot import OP_PATTERN_OPAQUE
 
@@ -140,6 +141,11 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
     chains = 2 if m * vb < 8 and 3 * m * vb + 6 <= regs else 1
     CH, MV = T.int64(chains), T.int64(m * vb)
     fvec = f"float32x{lanes}"
+    sw = 16 if group % 16 == 0 else 8  # slice width of the group sums (groups are whole words: 8 | group)
+    SWL = T.int64(sw)
+    high_codes = T.Cast(f"float32x{sw}", T.floormod(T.floordiv(T.ramp(T.int32(0), T.int32(1), sw),
+                                                               T.broadcast(T.int32(4), sw)),
+                                                    T.broadcast(T.int32(2), sw)))  # 0 0 0 0 1 1 1 1 ...
     # lines of one job's weight row, and rows (of the tile) the prefetch runs ahead: whole groups
     row_bytes = vb * lanes * 4
     lines = max(1, row_bytes // _CACHE_LINE)
@@ -186,17 +192,19 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
         # 1. per row and group: -xsum (the start of each group's accumulator, with the zero point's term)
         xs = T.decl_buffer((M * NG,), "float32")
         xh = T.decl_buffer((M * NG,), "float32")  # paired decode: the sum of x over codes 4..7 of each word
+        # (a vector of partial sums over the group's SW-wide slices, then a tree over its lanes: a scalar loop
+        # was a 32-deep chain of dependent adds per group, on the calling thread before the parallel part)
         for i in range(M):
             for g in range(NG):
-                tot = T.decl_buffer((2,), "float32", scope="local")
-                tot[0] = T.float32(0)
-                tot[1] = T.float32(0)
-                for j in range(GS):
-                    tot[0] = tot[0] + xf[i * K + g * GS + j]
-                for j in range(GS // T.int64(2)):  # codes 4..7 of each word
-                    tot[1] = tot[1] + xf[i * K + g * GS + j // T.int64(4) * T.int64(8) + T.int64(4) + j % T.int64(4)]
-                xs[i * NG + g] = tot[0]
-                xh[i * NG + g] = tot[1]
+                part = T.decl_buffer((SWL,), "float32", scope="local")
+                for ln in T.vectorized(SWL):
+                    part[ln] = T.float32(0)
+                for j in range(GS // SWL):
+                    for ln in T.vectorized(SWL):
+                        part[ln] = part[ln] + xf[i * K + g * GS + j * SWL + ln]
+                xs[i * NG + g] = lane_sum(part[T.ramp(T.int64(0), T.int64(1), sw)], sw)
+                # codes 4..7 of each word: lanes 4..7 of every 8 (the slices are whole words)
+                xh[i * NG + g] = lane_sum(part[T.ramp(T.int64(0), T.int64(1), sw)] * high_codes, sw)
         # 2. jobs: vb column vectors of one tile, all K, m rows in registers
         for job in T.parallel(NT * JT):
             acc = T.decl_buffer((CH * M * VB,), fvec, scope="local")  # one group: CH chains (even, odd codes)
