@@ -162,3 +162,27 @@ def test_pool_gets_the_threads_asked_for():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "2"
+
+
+@pytest.mark.parametrize("declared", ["float32", "bfloat16", "float8_e4m3fn", "int64"])
+@pytest.mark.parametrize("numpy_knows", [True, False])
+def test_check_feeds_dtype_mismatch_is_a_clear_error(declared, numpy_knows, monkeypatch):
+    """Every declared dtype, numpy's own or not, refuses a float64 feed with a one-line error and takes a feed of
+    its own dtype (the check compares cached numpy dtypes, and must never compare with None: numpy reads it
+    as float64)."""
+    import ml_dtypes
+
+    from edgecc.errors import EdgeccError
+    from edgecc.frontend.signature import Signature, TensorSig
+    from edgecc.runtime_bridge.host import check_feeds
+
+    from edgecc.runtime_bridge import host
+
+    if not numpy_knows:  # as without ml_dtypes: the check falls back to comparing names
+        monkeypatch.setattr(host, "_numpy_dtype", lambda name: None)
+    sig = Signature((TensorSig("x", declared, (2, 3)),), ())
+    with pytest.raises(EdgeccError, match=f"has dtype float64, the model takes {declared}"):
+        check_feeds(sig, {"x": np.zeros((2, 3), np.float64)})
+    own = np.zeros((2, 3), getattr(ml_dtypes, declared, None) or np.dtype(declared))
+    (got,) = check_feeds(sig, {"x": own})
+    assert str(got.dtype) == declared
