@@ -207,8 +207,8 @@ def run_row(key: str, args, threads: int, workdir: Path) -> dict:
         row["bytes"] = _decode_bytes(onnx_path, feeds)
         row["bandwidth"] = measure_bandwidth(args.bw_threads or threads)
         row["read_bandwidth"] = measure_read_bandwidth(args.bw_threads or threads)
-        print(f"   bandwidth {row['bandwidth']['gb_per_s']:.1f} GB/s copy, {row['read_bandwidth']['gb_per_s']:.1f} GB/s "
-              f"read ({row['bandwidth']['threads']} threads); "
+        print(f"   bandwidth {row['bandwidth']['gb_per_s']:.1f} GB/s copy, "
+              f"{row['read_bandwidth']['gb_per_s']:.1f} GB/s read ({row['bandwidth']['threads']} threads); "
               f"streamed weights {row['bytes']['streamed'] / 1e6:.1f} MB, past KV {row['bytes']['past_kv'] / 1e6:.1f} MB",
               flush=True)
 

@@ -169,7 +169,8 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
         odd lane's byte offsets are 32 more."""
         # byte offsets 4s, 4s + 13 (even lane), 4s + 32, 4s + 45 (odd lane) in bytes 0, 2, 4, 6 of each qword
         # (`s` is an unrolled loop variable: the control folds to a constant)
-        base, step = sum(o << (8 * b) for b, o in ((0, 0), (2, 13), (4, 32), (6, 45))), sum(4 << (8 * b) for b in (0, 2, 4, 6))
+        base = sum(o << (8 * b) for b, o in ((0, 0), (2, 13), (4, 32), (6, 45)))
+        step = sum(4 << (8 * b) for b in (0, 2, 4, 6))
         ctrl = T.int64(base) + T.Cast("int64", s) * T.int64(step)
         moved = T.reinterpret(f"int32x{lanes}", T.call_llvm_pure_intrin(
             "int8x64", "llvm.x86.avx512.pmultishift.qb.512", T.reinterpret("int8x64", T.broadcast(ctrl, 8)),
@@ -230,8 +231,8 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
                         acc[MV + a] = T.broadcast(T.float32(0), lanes)
                 for r in T.unroll(M):
                     for v in T.unroll(VB):
-                        # what the decode adds per unit of x: 1 for every code (shifted decode), or 8 for codes
-                        # 4..7 and 0 for codes 0..3 (paired decode)
+                        # what the decode adds per unit of x: 1 for every code (shifted decode), or 1 for codes
+                        # 4..7 and 0 for codes 0..3 (paired decode: the table holds q / 16 itself)
                         if paired:
                             implicit = xh[r * NG + g]
                         else:
