@@ -1,8 +1,8 @@
 """4-bit weights x float activations for decode GEMVs (edgecc/schedules/int4_float.py): the hand-written kernel
 (AVX-512 with its shifted and paired decodes and AVX2 here, NEON under qemu; AVX2 and NEON are opt-in) and
-the generic kernel of the same scheme against the float64 product of x and the dequantized weight, on rows 1..4, groups 32/64/128 and per channel,
-symmetric and asymmetric codes, and column counts that do not split evenly into jobs; then which kernel the
-dispatch picks."""
+the generic kernel of the same scheme against the float64 product of x and the dequantized weight, on rows
+1..4, groups 32/64/128 and per channel, symmetric and asymmetric codes, and column counts that do not split
+evenly into jobs; then which kernel the dispatch picks."""
 
 from __future__ import annotations
 
