@@ -246,7 +246,7 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
                 for kw in T.unroll(WPG):
                     for v in T.unroll(VB):
                         word = wi[wvec(t, g * WPG + kw, c0 + v * LN)]
-                        if paired:  # one shift serves codes i and i + 4 (16 bits apart)
+                        if paired:  # one vpmultishiftqb serves codes i and i + 4 (16 bits apart)
                             for i in T.unroll(4):
                                 low, high = code_pair(word, i)
                                 for r in T.unroll(M):
