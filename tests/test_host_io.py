@@ -186,3 +186,29 @@ def test_check_feeds_dtype_mismatch_is_a_clear_error(declared, numpy_knows, monk
     own = np.zeros((2, 3), getattr(ml_dtypes, declared, None) or np.dtype(declared))
     (got,) = check_feeds(sig, {"x": own})
     assert str(got.dtype) == declared
+
+
+def test_rebuilt_artifact_reloaded_in_one_process_runs_the_new_library(tmp_path):
+    """dlopen returns the library already loaded from a path, whatever file is there now: a model rebuilt into
+    the same directory and loaded again in one process ran the first model's code with the new weights (seen
+    in CI as 'main expects 7 arguments, 9 provided'). Both models must run their own code."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16)).astype("float32")
+    w = rng.standard_normal((16, 8)).astype("float32")
+
+    def build(activation: str):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node(activation, ["h"], ["y"])], "m",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [numpy_helper.from_array(w, "w")])
+        path = tmp_path / f"{activation}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        build_artifact(str(path), str(tmp_path / "out"), target="host", force=True)
+        return load_artifact(tmp_path / "out")
+
+    h = x.astype(np.float64) @ w.astype(np.float64)
+    first = build("Relu")
+    np.testing.assert_allclose(first.run({"x": x})["y"], np.maximum(h, 0), rtol=1e-5, atol=1e-5)
+    second = build("Sigmoid")  # same directory, same arguments, other code; the first stays loaded
+    np.testing.assert_allclose(second.run({"x": x})["y"], 1 / (1 + np.exp(-h)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(first.run({"x": x})["y"], np.maximum(h, 0), rtol=1e-5, atol=1e-5)

@@ -91,6 +91,29 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     return manifest
 
 
+def load_library(artifact_dir: str | Path):
+    """Load the artifact's compiled library into this process, as the file now on disk.
+
+    dlopen hands back a library already loaded from the same path, whatever the file there is now: a model
+    rebuilt into the same directory and loaded again in one process (a notebook, a test run reusing a temp
+    dir) would run the FIRST library's code with the new weights. Loading through a link at a path never
+    used before makes dlopen compare the file itself (device and inode): the same file is shared, a rebuilt
+    one is loaded anew. The link is removed once loaded; the library stays mapped. (`tvm.runtime.load_module`
+    would resolve the link back to the artifact's path, so tvm_ffi's loader is called directly.)
+    """
+    import tvm  # noqa: F401 - registers TVM's library loader with tvm_ffi
+    import tvm_ffi
+
+    library = (Path(artifact_dir) / LIBRARY).resolve()
+    link_dir = Path(tempfile.mkdtemp(prefix="edgecc-lib-"))
+    try:
+        link = link_dir / LIBRARY
+        os.symlink(library, link)
+        return tvm_ffi.load_module(str(link))
+    finally:
+        shutil.rmtree(link_dir, ignore_errors=True)
+
+
 def verify_file_hashes(artifact_dir: Path, manifest: dict) -> None:
     """Detect a corrupted or swapped library/params file before loading it."""
     for name, info in manifest.get("files", {}).items():

@@ -230,8 +230,7 @@ class LoadedArtifact:
                                   "run it on a CPU with those features, or rebuild with -t host")
             dev = tvm.cpu()
             set_num_threads(self.num_threads)
-        lib = tvm.runtime.load_module(str(self.dir / art.LIBRARY))
-        self._vm = VirtualMachine(lib, dev)
+        self._vm = VirtualMachine(art.load_library(self.dir), dev)
         self._dev = dev
         self._arena = load_weights([w for _, w in read_params(self.dir / art.PARAMS)], dev)
         self._weights = self._arena.tensors

@@ -98,7 +98,7 @@ class LLMSession:
         set_num_threads(num_threads or default_num_threads())
         self._tvm = tvm
         self._dev = tvm.cpu()
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(self.dir / art.LIBRARY)), self._dev)
+        self._vm = VirtualMachine(art.load_library(self.dir), self._dev)
         layout = self.llm["kv_cache"]
         self.max_context = int(self.llm["max_context"])
         weights = [w for _, w in read_params(self.dir / art.PARAMS)]

@@ -204,8 +204,8 @@ def int4_float_matmul_kernel(m: int, k: int, n: int, group: int, tile: int, lane
                     for ln in T.vectorized(SWL):
                         part[ln] = part[ln] + xf[i * K + g * GS + j * SWL + ln]
                 xs[i * NG + g] = lane_sum(part[T.ramp(T.int64(0), T.int64(1), sw)], sw)
-                # codes 4..7 of each word: lanes 4..7 of every 8 (the slices are whole words)
-                xh[i * NG + g] = lane_sum(part[T.ramp(T.int64(0), T.int64(1), sw)] * high_codes, sw)
+                if paired:  # codes 4..7 of each word: lanes 4..7 of every 8 (the slices are whole words)
+                    xh[i * NG + g] = lane_sum(part[T.ramp(T.int64(0), T.int64(1), sw)] * high_codes, sw)
         # 2. jobs: vb column vectors of one tile, all K, m rows in registers
         for job in T.parallel(NT * JT):
             acc = T.decl_buffer((CH * M * VB,), fvec, scope="local")  # one group: CH chains (even, odd codes)
