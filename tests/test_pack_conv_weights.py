@@ -148,6 +148,44 @@ def test_kernel_matches_float64(x_shape, w_shape, attrs):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def _prefetch_count(func) -> int:
+    calls = []
+    tvm_ffi.structural_walk(func.body, (tvm.ir.expr.Call, calls.append), order="pre")
+    return sum("llvm.prefetch" in str(c) for c in calls)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((1, 37, 7, 5), (288, 37, 3, 3), {"padding": [1, 1]}),  # prime channels: chunks of one channel (9 steps)
+    ((1, 300, 7, 7), (256, 300, 1, 1), {}),  # chunks of 100 channels; the last panel's next chunk is past the end
+    ((2, 50, 5, 3), (320, 50, 3, 3), {"padding": [1, 1], "strides": [1, 2]}),  # batch 2, 3-wide rows
+])
+@pytest.mark.parametrize("ahead", [1, 0])
+def test_k_blocked_panels_prefetch_the_next_chunk(x_shape, w_shape, attrs, ahead, monkeypatch):
+    """A K-blocked conv over build-time panels prefetches its next weight chunk (`schedules.prefetch`) unless
+    the target's params say 0 chunks ahead; results against float64 either way."""
+    import dataclasses
+
+    import edgecc.schedules as schedules
+
+    base_params = schedules.cpu_params
+    monkeypatch.setattr(schedules, "cpu_params",
+                        lambda spec: dataclasses.replace(base_params(spec), kblock_prefetch_ahead=ahead))
+    mod = _conv_module(x_shape, w_shape, **attrs)
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    lowered = relax_pipeline(HOST)(new)
+    (conv,) = [f for gv, f in lowered.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    assert str(conv.attrs["edgecc.schedule"]) == "conv2d"
+    assert (_prefetch_count(conv) > 0) == bool(ahead)
+    x = np.random.default_rng(3).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [x] + [a for _, a in named])
+    pad = attrs.get("padding", [0, 0]) * 2
+    ref = _conv_ref64(x, weights[0][1], attrs.get("strides", (1, 1)), pad)
+    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.cross
 def test_neon_under_qemu(neon_runs, tmp_path):
     from tests.test_schedules import run_on_neon

@@ -64,6 +64,7 @@ class Contraction:
     v_elems: int = 0  # elements of the V and S buffers (which operand is worth keeping in cache)
     s_elems: int = 0
     prepacked_nr: int = 0  # V already in panels at build time: V[.., v // nr, k.., v % nr] (no pack, no pad)
+    chunk_prefetch: object = None  # set by `schedule`: a `prefetch.ChunkPrefetch` to add to the K-blocked nest
 
 
 def _plain(expr) -> bool:
@@ -307,6 +308,7 @@ def schedule(
     pack = not c.prepacked_nr and (pad or (c.v_packable and not gemv and c.m_total >= params.pack_min_rows
                                            and (not c.v_last_is_v or row_bytes >= params.pack_min_stride_bytes)))
     block = c.block
+    v_source = sch.get(block).reads[c.v_index].source
     intermediates = base.intermediate_buffers(sch)
     out_is_param = not any(b.same_as(c.out_buffer) for b in intermediates)
 
@@ -447,6 +449,9 @@ def schedule(
         init = sch.decompose_reduction(block, reds[0])
         sch.vectorize(sch.get_loops(init)[-1])
 
+    if chunk is not None and c.prepacked_nr and params.kblock_prefetch_ahead and len(panel) == 1 and rows:
+        c.chunk_prefetch = _chunk_prefetch_plan(sch, c, v_source, fused, reds[0], rows, chunk[1], nr, params)
+
     # 6. whatever is left at the root (pad copies, epilogues that could not be fused) is elementwise
     done = {sch.get(block).name_hint} | ({sch.get(pack_block).name_hint} if pack_block is not None else set())
     leftovers = [blk for blk in base.top_blocks(sch) if sch.get(blk).name_hint not in done]
@@ -462,6 +467,28 @@ def schedule(
             if loops and sch.get(loops[0]).kind != tirx.ForKind.PARALLEL:
                 schedule_spatial_block(sch, blk, params)
     return sch
+
+
+def _chunk_prefetch_plan(sch, c: Contraction, v_buffer, panel_loop, chunk_loop, row_loops, k_in: int, nr: int,
+                         params: CpuParams):
+    """The software prefetch of a K-blocked nest over build-time panels (see `prefetch.py`): each row tile
+    fetches its share of the next chunk before its reduction starts."""
+    from edgecc.schedules.prefetch import ChunkPrefetch
+
+    k_total = 1
+    for k in c.red_vars:
+        k_total *= c.extents[k]
+    chunk_elems = k_in * (k_total // c.extents[c.red_vars[0]]) * nr
+    loops = [sch.get(lp) for lp in row_loops]
+    step = None
+    for lp in loops:
+        step = lp.loop_var if step is None else step * lp.extent + lp.loop_var
+    steps = 1
+    for lp in loops:
+        steps *= int(lp.extent)
+    start = sch.get(panel_loop).loop_var * (k_total * nr) + sch.get(chunk_loop).loop_var * chunk_elems
+    return ChunkPrefetch(v_buffer, loops[-1].loop_var, start, chunk_elems, step, steps,
+                         ahead=params.kblock_prefetch_ahead)
 
 
 def _k_chunk(c: Contraction, params: CpuParams, nr: int, mr: int, panels: int):

@@ -28,19 +28,12 @@ from __future__ import annotations
 
 from tvm import tirx
 
+from edgecc.schedules.prefetch import prefetch  # noqa: F401 (re-export: the int4 kernels' prefetch)
 from edgecc.schedules.int8_dot import DOT_ISAS, OP_PATTERN_OPAQUE, target_dot_isa  # noqa: F401 (re-export)
 
 SCHEDULE_NAME = "edgecc.int4_dot"
 #: how far ahead of its loads a GEMV job prefetches its packed weights
 PREFETCH_BYTES = 4096
-
-
-def prefetch(load):
-    """`llvm.prefetch` (read, keep in all cache levels, data) of the address of the buffer element `load`:
-    for use inside TVMScript kernels, `T.evaluate(prefetch(buf[i]))`."""
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(load), T.int32(0), T.int32(3), T.int32(1))
 
 
 def target_isa(target) -> str | None:

@@ -13,6 +13,7 @@ from tvm import s_tir
 
 from edgecc.schedules import base, contraction
 from edgecc.schedules.params import CpuParams
+from edgecc.schedules.prefetch import PrefetchedSchedule
 from edgecc.targets.registry import TargetSpec
 
 
@@ -65,6 +66,8 @@ class Matmul(base.ScheduleRule):
             if c is None or c.s_plain != self.want_plain_s:
                 return None
             contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue, k_block=self.k_block)
+            if c.chunk_prefetch is not None:
+                return PrefetchedSchedule(work, c.chunk_prefetch)
             return work
 
         return base.with_epilogue_fallback(sch.mod, attempt)

@@ -32,6 +32,8 @@ class CpuParams:
     # (the accumulator kept in L1 across chunks); together with the input rows they fit a 32-48 KiB L1d
     kblock_chunk_bytes: int = 16 * 1024
     kblock_acc_bytes: int = 32 * 1024
+    # ... and how many chunks ahead their weights are prefetched (0: not at all; `prefetch.py`)
+    kblock_prefetch_ahead: int = 1
 
     def lanes(self, dtype_bits: int = 32) -> int:
         """Elements of `dtype_bits` in one vector register."""
