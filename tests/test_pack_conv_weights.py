@@ -204,6 +204,28 @@ def test_neon_under_qemu(neon_runs, tmp_path):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cross
+def test_k_blocked_panels_prefetch_neon_under_qemu(neon_runs, tmp_path):
+    """The prefetching K-blocked conv on arm-neon (8-wide panels, 17 of them; 3 chunks of 40 channels x 3x3;
+    `llvm.prefetch` becomes PRFM), run under qemu against float64."""
+    from tests.test_schedules import run_on_neon
+
+    neon = get_target("arm-neon")
+    x_shape, w_shape = (1, 120, 5, 6), (136, 120, 3, 3)
+    mod = _conv_module(x_shape, w_shape, padding=[1, 1])
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, neon)
+    assert count == 1
+    (conv,) = [f for gv, f in relax_pipeline(neon)(new).functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    assert _prefetch_count(conv) > 0
+    new["main"] = new["main"].without_attr("num_input")
+    x = np.random.default_rng(4).standard_normal(x_shape).astype(F32)
+    got = run_on_neon(new, [x] + [a for _, a in named], tmp_path)
+    ref = np.maximum(_conv_ref64(x, weights[0][1], (1, 1), (1, 1, 1, 1)) * weights[1][1].reshape(1, -1, 1, 1), 0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def _onnx_block(path, ci, co, h, w):
     """Conv 3x3 (+ bias) -> BatchNormalization -> + residual -> Relu, random weights (a ResNet block's end)."""
     rng = np.random.default_rng(ci + co + h + w)
