@@ -212,3 +212,26 @@ def test_rebuilt_artifact_reloaded_in_one_process_runs_the_new_library(tmp_path)
     second = build("Sigmoid")  # same directory, same arguments, other code; the first stays loaded
     np.testing.assert_allclose(second.run({"x": x})["y"], 1 / (1 + np.exp(-h)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(first.run({"x": x})["y"], np.maximum(h, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_input_copies_any_dtype_and_layout_are_exact():
+    """Inputs TVM cannot take as they are (misaligned, strided, a dtype numpy's DLPack lacks) are copied into
+    tensors kept between calls; every call's values arrive, whatever the copy path."""
+    import ml_dtypes
+    import tvm
+
+    from edgecc.runtime_bridge.host import InputTensors
+
+    inputs = InputTensors(tvm.cpu())
+    rng = np.random.default_rng(5)
+    for call in range(3):
+        f32 = _aligned((3, 40), offset_bytes=4)
+        f32[...] = rng.standard_normal((3, 40))
+        strided = rng.standard_normal((6, 40)).astype("float32")[::2]
+        bf16 = rng.standard_normal((5, 7)).astype(ml_dtypes.bfloat16)
+        i64 = np.arange(call, call + 9, dtype=np.int64).reshape(3, 3)
+        args = inputs([f32, strided, bf16, i64])
+        np.testing.assert_array_equal(args[0].numpy(), f32)
+        np.testing.assert_array_equal(args[1].numpy(), strided)
+        np.testing.assert_array_equal(args[2].numpy().astype(np.float32), bf16.astype(np.float32))
+        np.testing.assert_array_equal(args[3].numpy(), i64)
