@@ -148,6 +148,30 @@ def test_kernel_matches_float64(x_shape, w_shape, attrs):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((1, 24, 7, 9), (250, 24, 3, 3), {"padding": [1, 1]}),  # 250 -> 256 channels: 8 panels
+    ((1, 40, 13, 13), (1000, 40, 1, 1), {}),  # SqueezeNet's classifier: 1000 -> 1024
+])
+def test_odd_channel_count_padded_to_whole_panels(x_shape, w_shape, attrs):
+    """A channel count no whole tile of vectors divides gets zero channels up to the next tile (at most 1/8
+    more work): the kernel computes them, a strided_slice keeps the real ones; against float64."""
+    mod = _conv_module(x_shape, w_shape, **attrs)
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    nr = cpu_params(HOST).nr()
+    co = w_shape[0]
+    panels = named[0][1]
+    assert panels.shape == (-(-co // nr), *w_shape[1:], nr)
+    np.testing.assert_array_equal(panels.transpose(0, 4, 1, 2, 3).reshape(-1, *w_shape[1:])[co:], 0)
+    assert "strided_slice" in new["main"].script()
+    x = np.random.default_rng(6).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [x] + [a for _, a in named])
+    pad = attrs.get("padding", [0, 0]) * 2
+    ref = _conv_ref64(x, weights[0][1], (1, 1), pad)
+    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+
+
 def _prefetch_count(func) -> int:
     calls = []
     tvm_ffi.structural_walk(func.body, (tvm.ir.expr.Call, calls.append), order="pre")

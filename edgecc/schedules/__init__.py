@@ -4,9 +4,11 @@
 tuning. Rules, tried in order, one module per op family (like TVM's dlight):
 
 - `matmul.Matmul`: dense / batched / broadcast matmul, NN and NT, GEMV, fused epilogues
-- `conv2d.Conv2d`: convolutions as implicit GEMM on the same register-tile template (`contraction.py`)
+- `conv2d.Conv2d`: convolutions as implicit GEMM on the same register-tile template (`contraction.py`); the
+  K-blocked ones over build-time weight panels prefetch their next weight chunk (`prefetch.py`)
 - `depthwise.GroupedConvRule`: depthwise and grouped convolutions (NCHW/NHWC) as a direct, vectorized conv
-- `reduction.Reduction`: softmax, layer/RMS norm, mean/sum/max reductions, pooling
+- `pooling.Pooling`: 2-D max / average pooling, a row per task, vectorized along the row
+- `reduction.Reduction`: softmax, layer/RMS norm, mean/sum/max reductions, other pooling
 - `elementwise.Elementwise`: injective kernels
 - `reduction.Fallback`: anything else gets at least its outer loops parallel
 
@@ -58,9 +60,10 @@ def cpu_rules() -> list[ScheduleRule]:
     from edgecc.schedules.depthwise import GroupedConvRule
     from edgecc.schedules.elementwise import Elementwise
     from edgecc.schedules.matmul import Matmul
+    from edgecc.schedules.pooling import Pooling
     from edgecc.schedules.reduction import Fallback, Reduction
 
-    return [Matmul(), Conv2d(), GroupedConvRule(), Reduction(), Elementwise(), Fallback()]
+    return [Matmul(), Conv2d(), GroupedConvRule(), Pooling(), Reduction(), Elementwise(), Fallback()]
 
 
 def cpu_schedule_passes(spec: TargetSpec) -> list[tvm.transform.Pass]:
