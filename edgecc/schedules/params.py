@@ -35,6 +35,12 @@ class CpuParams:
     # ... and how many chunks ahead their weights are prefetched (0: not at all; `prefetch.py`)
     kblock_prefetch_ahead: int = 1
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows a register tile can have: its accumulators, the row's vectors of the panel and a
+        broadcast all in registers (32 registers, 2 vectors a row: 14)."""
+        return max(self.mr, (self.vector_regs - self.nr_vecs - 1) // self.nr_vecs)
+
     def lanes(self, dtype_bits: int = 32) -> int:
         """Elements of `dtype_bits` in one vector register."""
         return max(1, self.vector_bits // dtype_bits)
