@@ -486,11 +486,9 @@ def _chunk_prefetch_plan(sch, c: Contraction, v_buffer, panel_loop, chunk_loop, 
         k_total *= c.extents[k]
     chunk_elems = k_in * (k_total // c.extents[c.red_vars[0]]) * nr
     loops = [sch.get(lp) for lp in row_loops]
-    step = None
+    step, steps = None, 1  # the row tile's index among the chunk's row tiles, and their number
     for lp in loops:
         step = lp.loop_var if step is None else step * lp.extent + lp.loop_var
-    steps = 1
-    for lp in loops:
         steps *= int(lp.extent)
     start = sch.get(panel_loop).loop_var * (k_total * nr) + sch.get(chunk_loop).loop_var * chunk_elems
     return ChunkPrefetch(v_buffer, loops[-1].loop_var, start, chunk_elems, step, steps,

@@ -43,7 +43,7 @@ class Pooling(base.ScheduleRule):
         if len(reds) != 1 or sch.get(reds[0]).name_hint not in _POOL_BLOCKS:
             return None
         red = reds[0]
-        idx = [b for b in blocks].index(red)
+        idx = blocks.index(red)
         producers, consumers = blocks[:idx], blocks[idx + 1:]
         if any(base.has_if_then_else(sch, b) for b in producers + [red]):
             # padded: a row reduction (module docstring)

@@ -57,18 +57,14 @@ class ChunkPrefetch:
 
     @property
     def elems_per_line(self) -> int:
-        return max(1, CACHE_LINE_BYTES * 8 // tirx_dtype_bits(self.buffer.dtype))
+        import tvm
+
+        return max(1, CACHE_LINE_BYTES * 8 // tvm.runtime.DataType(str(self.buffer.dtype)).bits)
 
     @property
     def lines_per_step(self) -> int:
         lines = -(-self.chunk_elems // self.elems_per_line)
         return -(-lines // self.steps)
-
-
-def tirx_dtype_bits(dtype) -> int:
-    import tvm
-
-    return tvm.runtime.DataType(str(dtype)).bits
 
 
 def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.PrimFunc:
@@ -77,7 +73,7 @@ def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.Prim
     total = 1
     for d in buf.shape:
         total *= int(d)
-    idx_dtype = plan.chunk_start.dtype if hasattr(plan.chunk_start, "dtype") else "int64"
+    idx_dtype = "int64"  # Relax's TIR indexes with int64 (TVM 0.27 exprs carry no `.dtype` to read it from)
     # the address of flat element `e`: buf[0, .., 0, e] (flattening is linear; a flat alias of the
     # parameter cannot be declared here: "DeclBuffer requires a physical data binding")
     zeros = [tirx.IntImm(idx_dtype, 0)] * (len(buf.shape) - 1)
