@@ -167,6 +167,8 @@ def _conv_ref(x, w, stride, pad, groups=1):
     (2, 5, 9, 9, 32, 3, 2, 0, "conv2d"),
     (1, 7, 5, 6, 16, 1, 1, 0, "conv2d"),
     (1, 7, 5, 6, 33, 1, 1, 0, None),  # no vector tile fits 33 channels: another rule, still right
+    (1, 4, 13, 13, 32, 3, 1, 1, "conv2d"),  # width 13: two row tiles of 7 and 6 (the second partial)
+    (1, 3, 9, 55, 16, 3, 1, 1, "conv2d"),  # width 55: 11-row tiles (on 32-register targets)
 ])
 def test_conv2d_nchw(n, c, h, w, f, kh, stride, pad, rule):
     pytest.importorskip("torch")
@@ -372,8 +374,20 @@ def test_conv2d_padded_input_stays_separate(c, h, w, f, kh, stride, pad):
 def test_choose_row_tile():
     from edgecc.schedules.contraction import choose_row_tile
 
-    assert [choose_row_tile(m, 8) for m in (14, 7, 28, 56, 112, 128, 3, 13, 1)] == [7, 7, 7, 8, 8, 8, 3, 8, 1]
+    # whole tiles from mr/2 + 1 up to max_rows, the tallest; else equal tiles of at most mr rows
+    widths = (14, 7, 28, 56, 112, 128, 3, 13, 1, 55, 27, 111, 24, 17, 22)
+    assert [choose_row_tile(m, 8, 11) for m in widths] == [7, 7, 7, 8, 8, 8, 3, 7, 1, 11, 9, 8, 8, 6, 11]
+    assert [choose_row_tile(m, 8) for m in (13, 55, 27)] == [7, 5, 7]
     assert choose_row_tile(10, 6) == 5 and choose_row_tile(11, 6) == 6
+
+
+def test_max_rows_leaves_registers_for_broadcasts():
+    from edgecc.schedules.params import cpu_params
+    from edgecc.targets.registry import get_target
+
+    # 32 registers, 2-vector rows: 22 accumulators (24 and 26 measured slower than 8-row tiles); 16: mr
+    assert cpu_params(get_target("arm-neon")).max_rows == 11
+    assert cpu_params(get_target("x86-avx2")).max_rows == cpu_params(get_target("x86-avx2")).mr
 
 
 @pytest.mark.parametrize("k,n", [(70, 120), (33, 1000)])
