@@ -1,0 +1,92 @@
+"""Two or more edgecc builds of one model, loaded in one process, calls alternating: which build is faster.
+
+For changes too small to see through this machine's noise in separate-process runs (a schedule knob, a pass):
+build the model before and after (`edgecc build m.onnx -o before`, change, `edgecc build m.onnx -o after`), then
+
+    python benchmarks/ab_artifacts.py --model squeezenet-rw before/ after/ --rounds 150
+    python benchmarks/ab_artifacts.py --onnx m.onnx before/ after/
+
+Each round calls every build once, in turn; the report is every build's median and the median of its per-round
+ratio to the first build (paired: a slow moment of the machine hits both calls of a round). Outputs are compared
+with the first build's first. This is not a comparison with another runtime: `bench_latency.py` and
+`bench_suite.py` do that, each runtime in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def feeds_for(model: str | None, onnx_path: str | None, seed: int) -> dict:
+    if model:
+        from edgecc.models.registry import MODELS
+
+        return MODELS[model].feeds(seed=seed)
+    from edgecc.frontend.loader import load_model
+    from edgecc.frontend.signature import read_signature
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in read_signature(load_model(onnx_path)).inputs:
+        if not all(isinstance(d, int) for d in t.shape):
+            raise SystemExit(f"input {t.name} has symbolic dims {t.shape}: pass --model, or an ONNX file with static "
+                             "shapes (the one the artifacts were built from, with --dim bound)")
+        shape = list(t.shape)
+        feeds[t.name] = (rng.standard_normal(shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
+                         else np.zeros(shape, t.dtype))
+    return feeds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a name from `edgecc models list` (its seeded feeds)")
+    src.add_argument("--onnx", help="the ONNX file the artifacts were built from (random float / zero int feeds)")
+    ap.add_argument("artifacts", nargs="+", help="artifact directories built from the same model")
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="TVM threads (default: $TVM_NUM_THREADS, else cores)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    threads = args.threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+    from edgecc.runtime_bridge.host import load_artifact, set_num_threads
+
+    set_num_threads(threads)
+    feeds = feeds_for(args.model, args.onnx, args.seed)
+    loaded = [load_artifact(d) for d in args.artifacts]
+    calls = [m.time_run(feeds) for m in loaded]
+    first = [np.asarray(v) for v in loaded[0].run(feeds).values()]
+    for d, m in zip(args.artifacts, loaded):
+        outs = [np.asarray(v) for v in m.run(feeds).values()]
+        diff = max(float(np.abs(a.astype("float64") - b).max()) for a, b in zip(outs, first))
+        print(f"{d}: max |diff| vs {args.artifacts[0]} {diff:.2e}")
+    for call in calls:
+        for _ in range(args.warmup):
+            call()
+    times = [[] for _ in calls]
+    for _ in range(args.rounds):
+        for i, call in enumerate(calls):
+            t0 = time.perf_counter()
+            call()
+            times[i].append(time.perf_counter() - t0)
+    base = np.array(times[0])
+    print(f"{args.rounds} rounds, TVM threads {threads}; paired = median of per-round ratios to the first")
+    for d, ts in zip(args.artifacts, times):
+        print(f"{d:40s} median {np.median(ts) * 1e3:8.3f} ms   paired {np.median(np.array(ts) / base):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    from edgecc.errors import EdgeccError
+
+    try:
+        sys.exit(main())
+    except EdgeccError as err:  # a user mistake (no such artifact, wrong model): one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
