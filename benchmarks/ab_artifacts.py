@@ -4,7 +4,7 @@ For changes too small to see through this machine's noise in separate-process ru
 build the model before and after (`edgecc build m.onnx -o before`, change, `edgecc build m.onnx -o after`), then
 
     python benchmarks/ab_artifacts.py --model squeezenet-rw before/ after/ --rounds 150
-    python benchmarks/ab_artifacts.py --onnx m.onnx before/ after/
+    python benchmarks/ab_artifacts.py --onnx m.onnx before/ after/ [--dim batch=1]
 
 Each round calls every build once, in turn; the report is every build's median and the median of its per-round
 ratio to the first build (paired: a slow moment of the machine hits both calls of a round). Outputs are compared
@@ -18,27 +18,21 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def feeds_for(model: str | None, onnx_path: str | None, seed: int) -> dict:
+def feeds_for(model: str | None, onnx_path: str | None, dims: list[str] | None, seed: int) -> dict:
+    """A registry model's seeded feeds, or random ones for an ONNX file (as `bench_latency.py --model` makes)."""
     if model:
         from edgecc.models.registry import MODELS
 
         return MODELS[model].feeds(seed=seed)
-    from edgecc.frontend.loader import load_model
-    from edgecc.frontend.signature import read_signature
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_latency import _feeds_from_signature, _parse_dims
 
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for t in read_signature(load_model(onnx_path)).inputs:
-        if not all(isinstance(d, int) for d in t.shape):
-            raise SystemExit(f"input {t.name} has symbolic dims {t.shape}: pass --model, or an ONNX file with static "
-                             "shapes (the one the artifacts were built from, with --dim bound)")
-        shape = list(t.shape)
-        feeds[t.name] = (rng.standard_normal(shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
-                         else np.zeros(shape, t.dtype))
+    feeds, _ = _feeds_from_signature(Path(onnx_path), _parse_dims(dims), seed)
     return feeds
 
 
@@ -48,6 +42,7 @@ def main(argv=None) -> int:
     src.add_argument("--model", help="a name from `edgecc models list` (its seeded feeds)")
     src.add_argument("--onnx", help="the ONNX file the artifacts were built from (random float / zero int feeds)")
     ap.add_argument("artifacts", nargs="+", help="artifact directories built from the same model")
+    ap.add_argument("--dim", action="append", help="NAME=INT for a symbolic input dim of --onnx (as it was built)")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="TVM threads (default: $TVM_NUM_THREADS, else cores)")
@@ -58,7 +53,7 @@ def main(argv=None) -> int:
     from edgecc.runtime_bridge.host import load_artifact, set_num_threads
 
     set_num_threads(threads)
-    feeds = feeds_for(args.model, args.onnx, args.seed)
+    feeds = feeds_for(args.model, args.onnx, args.dim, args.seed)
     loaded = [load_artifact(d) for d in args.artifacts]
     calls = [m.time_run(feeds) for m in loaded]
     first = [np.asarray(v) for v in loaded[0].run(feeds).values()]
