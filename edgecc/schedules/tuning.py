@@ -1027,7 +1027,9 @@ def _confirm_best_records(spec, states, database, database_dir, builder, runner,
         t_confirm = time.perf_counter()
         times = _paired_times(builder, runner, [default_mod, sch.mod], args_info, target, device_type)
         estimate_s = time.perf_counter() - t_confirm
-        if times is None:
+        if times is None:  # the reason is in the log (a build or run error): not confirmed, never applied
+            event("confirm", f"{state.report.name}: re-timing failed, not confirmed (see the log)",
+                  task=state.report.name, tasks_total=len(states))
             continue
         d_ms, t_ms = times
         verdict = {"tuned_hash": tuned_hash, "default_hash": default_hash, "default_ms": d_ms, "tuned_ms": t_ms,
@@ -1060,6 +1062,7 @@ def _paired_times(builder, runner, mods, args_info, target, device_type) -> list
         for mod in mods:
             build = builder.build([ms.builder.BuilderInput(mod, target)])[0]
             if build.error_msg is not None:
+                log.warning("paired re-time: build failed: %s", str(build.error_msg)[:500])
                 return None
             paths.append(build.artifact_path)
         samples: list[list[float]] = [[] for _ in mods]
@@ -1069,6 +1072,8 @@ def _paired_times(builder, runner, mods, args_info, target, device_type) -> list
                 result = runner.run([ms.runner.RunnerInput(paths[j], device_type, args_info)])[0].result()
                 value = _run_ms(result.run_secs) if result.error_msg is None else None
                 if value is None:
+                    log.warning("paired re-time: run failed: %s (run_secs %s)", str(result.error_msg)[:500],
+                                result.run_secs)
                     return None
                 samples[j].append(value)
         return [sorted(v)[len(v) // 2] for v in samples]
