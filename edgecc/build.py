@@ -228,6 +228,9 @@ def build_artifact(
         tuning_dir = resolve_database_dir(spec, tuning_db) if schedules else None
         lowered = relax_pipeline(spec, with_schedules=schedules, tuning_db=tuning_db)(deploy_mod)
         memory = module_memory(lowered)
+        from edgecc.ir_passes.unaligned_inputs import inputs_any_alignment
+
+        input_alignment = "element" if inputs_any_alignment(lowered) else "64"
         tuned = (count_tuned_functions(lowered), count_default_faster(lowered))
 
     with stage("codegen"):
@@ -246,7 +249,9 @@ def build_artifact(
             "format": art.FORMAT,
             "model": {"file": Path(onnx_path).name, "sha256": art.sha256_file(Path(onnx_path))},
             "signature": {"onnx": onnx_sig.to_json(), "built": built_sig.to_json(), "dims": dict(dims or {}),
-                          "index_bounds": bounds},
+                          "index_bounds": bounds,
+                          # "element": numpy's buffers go to the kernels as they are (ir_passes/unaligned_inputs)
+                          "input_alignment": input_alignment},
             "entry": "main",
             "target": target_manifest(spec, tvm_target),
             "params": [{"name": n, "dtype": str(w.dtype), "shape": list(w.shape)} for n, w in named_weights],

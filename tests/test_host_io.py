@@ -110,6 +110,27 @@ def test_aligned_writable_inputs_are_not_copied():
     assert tuple(other.shape) == (2, 5)
 
 
+def test_any_alignment_inputs_are_never_copied(artifact):
+    """Artifacts whose kernels read inputs unaligned (manifest input_alignment "element") take numpy's own
+    buffer at any element-aligned address; strided and read-only arrays are still copied."""
+    import tvm
+
+    from edgecc.runtime_bridge.host import InputTensors
+
+    out_dir, *_ = artifact
+    assert load_artifact(out_dir).manifest["signature"]["input_alignment"] == "element"
+    inputs = InputTensors(tvm.cpu(), any_alignment=True)
+    odd = _aligned((3, 40), offset_bytes=4)
+    odd[...] = 2.0
+    frozen = _aligned((3, 40), offset_bytes=4)
+    frozen.flags.writeable = False
+    strided = np.ones((3, 80), np.float32)[:, ::2]
+    t_odd, t_frozen, t_strided = inputs([odd, frozen, strided])
+    assert t_odd.data_ptr() == odd.ctypes.data  # numpy's own buffer, 4 bytes past a 64-byte boundary
+    assert t_frozen.data_ptr() != frozen.ctypes.data and t_strided.data_ptr() != strided.ctypes.data
+    np.testing.assert_array_equal(np.from_dlpack(t_strided), strided)
+
+
 def test_output_views_any_dtype_never_alias():
     """The alias check works on TVM's own data pointers, so dtypes numpy cannot take over DLPack (bfloat16)
     neither break loading nor running; such results come back as copies."""

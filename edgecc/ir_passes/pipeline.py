@@ -111,6 +111,10 @@ def relax_pipeline(spec: TargetSpec, with_schedules: bool = True, tuning_db=None
     if with_schedules:
         stages += tuning_passes(spec, tuning_db)
         stages += schedule_passes(spec)
+    if spec.device == "cpu":  # after scheduling: tuning records are keyed by the kernels as scheduled
+        from edgecc.ir_passes.unaligned_inputs import unaligned_inputs_pass  # zero-copy numpy inputs
+
+        stages.append(unaligned_inputs_pass)
     stages += lower_passes()
 
     @tvm.transform.module_pass(opt_level=0, name="edgecc_pipeline")
