@@ -18,16 +18,21 @@ from edgecc.targets.registry import get_target  # noqa: E402
 HOST = get_target("host")
 
 
-def _module(reshape_input: bool = False, packed_use: bool = False):
+def _module(reshape_input: bool = False, packed_use: bool = False, match_cast: bool = False):
     """main(x, w): relu(x) @ w + x[:, :1] (x as [6, 64], or as [2, 3, 64] reshaped first): the relu kernel
     reads x with vector loads; optionally x also goes to a packed function (a vendor call the pass cannot
     see into)."""
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([2, 3, 64] if reshape_input else [6, 64], "float32"))
+    if match_cast:  # x of unknown shape, restated by a match_cast (as dynamic-shape imports emit)
+        x = relax.Var("x", relax.TensorType(None, "float32", ndim=2))
+    else:
+        x = relax.Var("x", relax.TensorType([2, 3, 64] if reshape_input else [6, 64], "float32"))
     w = relax.Var("w", relax.TensorType([64, 37], "float32"))
     with bb.function("main", [x, w], attrs={"num_input": 1}):
         with bb.dataflow():
             x2 = bb.emit(relax.op.reshape(x, [6, 64])) if reshape_input else x
+            if match_cast:
+                x2 = bb.match_cast(x2, relax.TensorType([6, 64], "float32"))
             h = bb.emit(relax.op.matmul(relax.op.nn.relu(x2), w))
             y = bb.emit(relax.op.add(h, relax.op.strided_slice(x2, axes=[1], begin=[0], end=[1])))
             if packed_use:
@@ -59,14 +64,16 @@ def _alignments(mod, name):
     return [p.data_alignment for p in mod[name].params if tvm.tirx.buffer.is_buffer_var(p)]
 
 
-@pytest.mark.parametrize("reshape_input", [False, True])
-def test_input_params_become_element_aligned(reshape_input):
-    before = _scheduled(_module(reshape_input))
+@pytest.mark.parametrize("reshape_input,match_cast", [(False, False), (True, False), (False, True)])
+def test_input_params_become_element_aligned(reshape_input, match_cast):
+    before = _scheduled(_module(reshape_input, match_cast=match_cast))
     main = before["main"]
     x_vars = {main.params[0]}
-    for block in main.body.blocks:  # x and its reshaped view
+    for block in main.body.blocks:  # x, its reshaped view, its match_cast alias
         for b in block.bindings:
-            if isinstance(b.value, relax.Call) and b.value.op.name == "relax.reshape" and b.value.args[0] in x_vars:
+            value = b.value
+            if (isinstance(b, relax.MatchCast) and value in x_vars) or (
+                    isinstance(value, relax.Call) and value.op.name == "relax.reshape" and value.args[0] in x_vars):
                 x_vars.add(b.var)
     calls = _kernel_calls(main)
     readers = {k: [i for i, a in enumerate(args) if a in x_vars] for k, args in calls}

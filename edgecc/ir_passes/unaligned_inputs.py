@@ -49,9 +49,9 @@ def input_kernel_params(func: relax.Function) -> tuple[dict[str, set[int]], bool
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
-            if not isinstance(binding, relax.VarBinding) or not _uses_input(value):
+            if not _uses_input(value):
                 continue
-            if isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
+            if isinstance(binding, relax.MatchCast) or isinstance(value, (relax.Var, relax.Tuple, relax.TupleGetItem)):
                 inputs.add(binding.var)  # an alias, or a tuple holding one: followed to where it is read
                 continue
             if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
@@ -117,6 +117,7 @@ def unaligned_inputs_pass(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
 
 def inputs_any_alignment(mod: tvm.ir.IRModule, entry: str = "main") -> bool:
     """Whether `entry`'s kernels take its inputs at any element-aligned address (the pass marked it so)."""
-    func = mod[entry] if entry in [gv.name_hint for gv in mod.get_global_vars()] else None
-    attrs = getattr(func, "attrs", None) or {}
-    return bool(attrs.get(INPUTS_ANY_ALIGNMENT, False)) if isinstance(func, relax.Function) else False
+    func = next((f for gv, f in mod.functions_items() if gv.name_hint == entry), None)
+    if not isinstance(func, relax.Function):
+        return False
+    return bool((func.attrs or {}).get(INPUTS_ANY_ALIGNMENT, False))
