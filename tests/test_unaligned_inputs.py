@@ -82,7 +82,7 @@ def test_input_params_become_element_aligned(reshape_input, match_cast):
     for kernel, positions in readers.items():
         was, now = _alignments(before, kernel), _alignments(after, kernel)
         assert all(a == 64 for a in was)  # TVM's default for every buffer
-        # x (directly or through the reshape view) -> 4 bytes; the weight, intermediates and outputs keep 64
+        # x (directly, or through its reshape view or match_cast alias) -> 4 bytes; the rest keeps 64
         assert now == [4 if i in positions else 64 for i in range(len(was))]
     assert inputs_any_alignment(after) and not inputs_any_alignment(before)
     # numbers: the kernels take a misaligned numpy buffer as it is, zero-copy
