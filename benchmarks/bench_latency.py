@@ -143,6 +143,8 @@ class OrtRunner:
         t0 = time.perf_counter()
         so = ort.SessionOptions()  # default threading on purpose: intra_op_num_threads=0
         so.log_severity_level = 3
+        if options.get("ort_threads"):  # for thread-scaling comparisons (--ort-threads 1 with --threads 1)
+            so.intra_op_num_threads = int(options["ort_threads"])
         if options.get("ort_quantize") == "dynamic":  # onnxruntime's own int8: weights per channel, activations dynamic
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -159,8 +161,9 @@ class OrtRunner:
         except Exception:  # noqa: BLE001
             physical = None
         self.info = {
-            "threads": f"default (intra_op_num_threads={so.intra_op_num_threads}: one per physical core"
-            + (f", {physical} here)" if physical else ")"),
+            "threads": (f"intra_op_num_threads={so.intra_op_num_threads}" if options.get("ort_threads") else
+                        f"default (intra_op_num_threads={so.intra_op_num_threads}: one per physical core"
+                        + (f", {physical} here)" if physical else ")")),
             "build_s": round(time.perf_counter() - t0, 1),
             "version": ort.__version__,
         }
@@ -352,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pause", type=float, default=0.2,
                     help="seconds between calls (lets onnxruntime's spinning workers settle; 0.05 was too short)")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS for edgecc/tvm (default: cores)")
+    ap.add_argument("--ort-threads", type=int, default=0,
+                    help="onnxruntime intra_op_num_threads (default 0: its own default; 1 with --threads 1 compares "
+                         "single-thread speed)")
     ap.add_argument("--runtimes", default="edgecc,onnxruntime", help="comma list of: " + ", ".join(RUNNERS))
     ap.add_argument("--artifact", help="reuse an already built edgecc artifact directory (skip the build)")
     ap.add_argument("--seed", type=int, default=0)
@@ -384,7 +390,7 @@ def main(argv=None) -> int:
         ctx = mp.get_context("spawn")
         env = {"TVM_NUM_THREADS": str(threads)}
         options = {"target": args.target, "artifact": args.artifact, "shapes": {k: list(v.shape) for k, v in feeds.items()},
-                   "quantize": args.quantize, "ort_quantize": args.ort_quantize}
+                   "quantize": args.quantize, "ort_quantize": args.ort_quantize, "ort_threads": args.ort_threads}
         workers = []
         try:
             # Set up one at a time: builds are heavy, and the other worker's import should not slow them.

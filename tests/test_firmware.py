@@ -447,6 +447,43 @@ int main(int argc, char** argv) {
     free(arena);
     report("run_after_unset", edgecc_model_run(m));
   }
+  /* zero-copy inputs: the run reads the caller's buffer itself (4 bytes past a 64-byte boundary on purpose) */
+  {
+    size_t i, align = 0;
+    static unsigned char copied[4000], bound[4000];
+    unsigned char* mem = (unsigned char*)malloc(602112 + 128);
+    unsigned char* base = mem + (64 - (size_t)mem % 64) % 64;
+    float* x = (float*)(base + 4);
+    for (i = 0; i < 602112 / 4; ++i) x[i] = (float)(i % 97) / 97.0f;
+    report("input_alignment_ok", edgecc_model_input_alignment(m, 0, &align));
+    report("input_alignment_is_element", align == 4 ? EDGECC_OK : EDGECC_ERR_STATE);
+    report("input_alignment_bad_index", edgecc_model_input_alignment(m, 1, &align));
+    report("bind_input_bad_index", edgecc_model_bind_input(m, 1, x, 602112));
+    report("bind_input_bad_size", edgecc_model_bind_input(m, 0, x, 602108));
+    report("bind_input_null_data", edgecc_model_bind_input(m, 0, NULL, 602112));
+    report("bind_input_null_model", edgecc_model_bind_input(NULL, 0, x, 602112));
+    report("bind_input_misaligned", edgecc_model_bind_input(m, 0, base + 2, 602112));
+    edgecc_model_set_input(m, 0, x, 602112);
+    edgecc_model_run(m);
+    edgecc_model_get_output(m, 0, copied, sizeof copied);
+    report("bind_input_ok", edgecc_model_bind_input(m, 0, x, 602112));
+    report("run_bound_ok", edgecc_model_run(m));
+    edgecc_model_get_output(m, 0, bound, sizeof bound);
+    report("bound_same_output", memcmp(copied, bound, sizeof bound) == 0 ? EDGECC_OK : EDGECC_ERR_STATE);
+    for (i = 0; i < 602112 / 4; ++i) x[i] = 1.0f - x[i]; /* new data, no API call: the next run must see it */
+    report("run_bound_again", edgecc_model_run(m));
+    edgecc_model_get_output(m, 0, bound, sizeof bound);
+    report("bound_output_changed", memcmp(copied, bound, sizeof bound) != 0 ? EDGECC_OK : EDGECC_ERR_STATE);
+    edgecc_model_set_input(m, 0, x, 602112); /* back to the model's own buffer, same data */
+    edgecc_model_run(m);
+    edgecc_model_get_output(m, 0, copied, sizeof copied);
+    report("bound_equals_copied", memcmp(copied, bound, sizeof bound) == 0 ? EDGECC_OK : EDGECC_ERR_STATE);
+    for (i = 0; i < 602112 / 4; ++i) x[i] = 0.5f; /* no longer bound: the model's copy is what runs */
+    edgecc_model_run(m);
+    edgecc_model_get_output(m, 0, bound, sizeof bound);
+    report("set_input_unbinds", memcmp(copied, bound, sizeof bound) == 0 ? EDGECC_OK : EDGECC_ERR_STATE);
+    free(mem);
+  }
   edgecc_model_destroy(m);
   edgecc_model_destroy(NULL);
   report("status_name_unknown", strcmp(edgecc_status_name((edgecc_status)99), "EDGECC_ERR_UNKNOWN") ? EDGECC_ERR_STATE : EDGECC_OK);
@@ -475,6 +512,13 @@ EXPECTED_ERRORS = {
     "run_arena_again": "EDGECC_OK", "arena_used_ok": "EDGECC_OK", "arena_used_fits": "EDGECC_OK",
     "arena_same_output": "EDGECC_OK", "unset_arena": "EDGECC_OK", "run_after_unset": "EDGECC_OK",
     "status_name_unknown": "EDGECC_OK",
+    "input_alignment_ok": "EDGECC_OK", "input_alignment_is_element": "EDGECC_OK",
+    "input_alignment_bad_index": "EDGECC_ERR_INDEX", "bind_input_bad_index": "EDGECC_ERR_INDEX",
+    "bind_input_bad_size": "EDGECC_ERR_SIZE", "bind_input_null_data": "EDGECC_ERR_NULL_POINTER",
+    "bind_input_null_model": "EDGECC_ERR_NULL_POINTER", "bind_input_misaligned": "EDGECC_ERR_ALIGNMENT",
+    "bind_input_ok": "EDGECC_OK", "run_bound_ok": "EDGECC_OK", "bound_same_output": "EDGECC_OK",
+    "run_bound_again": "EDGECC_OK", "bound_output_changed": "EDGECC_OK", "bound_equals_copied": "EDGECC_OK",
+    "set_input_unbinds": "EDGECC_OK",
 }
 
 
@@ -511,6 +555,8 @@ def test_c_api_rejects_bad_input(squeezenet_static, tmp_path):
     assert "takes 602112 bytes, got 602111" in got["set_input_bad_size"][1]
     assert "out of range" in got["input_info_bad_index"][1]
     assert "the model needs" in got["set_arena_too_small"][1]
+    assert manifest["signature"]["input_alignment"] == "element"
+    assert "not a multiple of 4 bytes" in got["bind_input_misaligned"][1]
 
 
 # ------------------------------------------------------------------------------------------ reproducible

@@ -102,3 +102,51 @@ def test_numerics_against_numpy_float64():
     out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs.values()]).numpy()
     expect = _ref64(*[a.astype("float64") for a in inputs.values()])
     np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+
+
+def _conv_bn_relu(c=5, f=24, h=9, w=7):
+    """main(x | k, g, b, m, v): conv -> inference BatchNorm -> relu, with the conv and BN tensors as weights."""
+    bb = relax.BlockBuilder()
+    shapes = {"x": (1, c, h, w), "k": (f, c, 3, 3), "g": (f,), "b": (f,), "m": (f,), "v": (f,)}
+    params = [relax.Var(n, relax.TensorType(s, "float32")) for n, s in shapes.items()]
+    x, k, g, b, m, v = params
+    with bb.function("main", params, attrs={"num_input": 1}):
+        with bb.dataflow():
+            conv = bb.emit(R.nn.conv2d(x, k, padding=1))
+            bn = bb.emit(R.nn.batch_norm(conv, g, b, m, v, axis=1, epsilon=EPS, training=False))
+            out = bb.emit_output(R.nn.relu(bb.emit(relax.TupleGetItem(bn, 0))))
+        bb.emit_func_output(out)
+    return bb.get(), shapes
+
+
+def test_batchnorm_statistics_are_computed_at_build_time():
+    """The build lifts BatchNorm's weight-only arithmetic (scale = g / sqrt(v + eps), shift = b - m * scale) out
+    of the deployed function: before the fold it could not (one batch_norm call also takes the activations),
+    so ResNet-50 ran 66 tiny kernels per inference on its weights."""
+    from edgecc.build import _run_weight_transforms, _split_transform_params
+
+    mod, shapes = _conv_bn_relu()
+    deploy, transform = _split_transform_params(mod)
+    assert transform is not None
+    deployed_ops = _ops(deploy)
+    assert not deployed_ops & {"relax.nn.batch_norm", "relax.sqrt", "relax.divide", "relax.negative"}, deployed_ops
+    assert {"relax.nn.conv2d", "relax.multiply", "relax.add", "relax.nn.relu"} <= deployed_ops
+    main = deploy["main"]
+    assert int(main.attrs["num_input"]) == 1
+    # the weights the deployed function takes are k plus the two folded [1, f, 1, 1] vectors (scale, shift)
+    weight_shapes = sorted(tuple(int(d) for d in p.ty.shape) for p in main.params[1:])
+    assert weight_shapes == sorted([(24, 5, 3, 3), (1, 24, 1, 1), (1, 24, 1, 1)]), weight_shapes
+
+    rng = np.random.default_rng(1)
+    x, k, g, b, m = (rng.standard_normal(shapes[n]).astype("float32") for n in "xkgbm")
+    v = (np.abs(rng.standard_normal(shapes["v"])) + 0.1).astype("float32")
+    weights = _run_weight_transforms(transform, [k, g, b, m, v])
+    scale64 = g.astype("float64") / np.sqrt(v.astype("float64") + EPS)
+    folded = [w.reshape(-1) for w in weights if w.shape == (1, 24, 1, 1)]
+    assert any(np.allclose(f, scale64, rtol=1e-5, atol=1e-6) for f in folded)
+    assert any(np.allclose(f, b - m * scale64, rtol=1e-5, atol=1e-5) for f in folded)
+    ex = tvm.compile(deploy, target=HOST.tvm(), relax_pipeline=relax_pipeline(HOST))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(w) for w in weights]).numpy()
+    expect = np.maximum(_ref64(*[a.astype("float64") for a in (x, k, g, b, m, v)], r=0.0), 0)
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)

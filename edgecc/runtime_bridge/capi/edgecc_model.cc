@@ -622,8 +622,10 @@ struct edgecc_model {
   ffi::Optional<ffi::Module> vm;
   ffi::Function entry;
   std::vector<TensorSpec> inputs, outputs;
-  std::vector<ffi::Tensor> input_tensors;
+  std::vector<ffi::Tensor> input_tensors;  // what a run passes: the model's own buffer, or a caller's (bound)
+  std::vector<ffi::Tensor> input_buffers;  // the model's own input buffers (edgecc_model_set_input copies here)
   std::vector<bool> input_set;
+  bool inputs_any_alignment = false;       // manifest signature.input_alignment == "element"
   std::vector<ffi::Tensor> params;
   std::vector<ffi::Tensor> results;
   bool has_results = false;
@@ -685,9 +687,13 @@ void Init(edgecc_model* m, const ffi::Any& meta, const std::string& where) {
       if (ws.has_value()) m->memory.workspace_bytes = static_cast<uint64_t>(*ws);
     }
   }
+  ffi::Any sig = Field(meta, "signature", where);
+  m->inputs_any_alignment = HasField(sig, "input_alignment") &&
+                            Str(Field(sig, "input_alignment", where), where + " input_alignment") == "element";
   for (const TensorSpec& t : m->inputs) {
-    m->input_tensors.push_back(
+    m->input_buffers.push_back(
         ffi::Tensor::FromNDAlloc(HeapAlloc(), ffi::ShapeView(t.shape.data(), t.shape.size()), t.dtype, kCPU));
+    m->input_tensors.push_back(m->input_buffers.back());
     m->input_set.push_back(false);
     m->memory.io_bytes += t.nbytes;
   }
@@ -781,6 +787,7 @@ const char* edgecc_status_name(edgecc_status status) {
     case EDGECC_ERR_STATE: return "EDGECC_ERR_STATE";
     case EDGECC_ERR_RUNTIME: return "EDGECC_ERR_RUNTIME";
     case EDGECC_ERR_OUT_OF_MEMORY: return "EDGECC_ERR_OUT_OF_MEMORY";
+    case EDGECC_ERR_ALIGNMENT: return "EDGECC_ERR_ALIGNMENT";
   }
   return "EDGECC_ERR_UNKNOWN";
 }
@@ -908,9 +915,48 @@ edgecc_status edgecc_model_set_input(edgecc_model* model, size_t index, const vo
                                          ") takes " + std::to_string(t.nbytes) + " bytes, got " +
                                          std::to_string(nbytes));
   }
+  model->input_tensors[index] = model->input_buffers[index];  // a bound caller buffer is let go
   if (nbytes > 0) std::memcpy(model->input_tensors[index].data_ptr(), data, nbytes);
   model->input_set[index] = true;
   return EDGECC_OK;
+}
+
+edgecc_status edgecc_model_input_alignment(const edgecc_model* model, size_t index, size_t* bytes) {
+  if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
+  if (bytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "bytes is NULL");
+  if (index >= model->inputs.size()) {
+    return SetError(EDGECC_ERR_INDEX, "input index " + std::to_string(index) + " out of range (the model has " +
+                                          std::to_string(model->inputs.size()) + " inputs)");
+  }
+  size_t elem = model->inputs[index].elem_bytes;
+  *bytes = model->inputs_any_alignment ? (elem == 0 ? 1 : elem) : kAlign;
+  return EDGECC_OK;
+}
+
+edgecc_status edgecc_model_bind_input(edgecc_model* model, size_t index, const void* data, size_t nbytes) {
+  if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
+  size_t align = 0;
+  edgecc_status st = edgecc_model_input_alignment(model, index, &align);
+  if (st != EDGECC_OK) return st;
+  const TensorSpec& t = model->inputs[index];
+  if (data == nullptr && t.nbytes > 0) return SetError(EDGECC_ERR_NULL_POINTER, "data is NULL");
+  if (nbytes != t.nbytes) {
+    return SetError(EDGECC_ERR_SIZE, "input " + std::to_string(index) + " ('" + t.name + "', " + t.dtype_name +
+                                         ") takes " + std::to_string(t.nbytes) + " bytes, got " +
+                                         std::to_string(nbytes));
+  }
+  if (reinterpret_cast<uintptr_t>(data) % align != 0) {
+    return SetError(EDGECC_ERR_ALIGNMENT,
+                    "input " + std::to_string(index) + " ('" + t.name + "'): the address is not a multiple of " +
+                        std::to_string(align) + " bytes, which this artifact's kernels need (" +
+                        (model->inputs_any_alignment ? "the element size" : "manifest signature.input_alignment \"64\"") +
+                        "): align the buffer, or copy it in with edgecc_model_set_input");
+  }
+  return Guard([&] {
+    model->input_tensors[index] = ffi::Tensor::FromNDAlloc(
+        ViewAlloc{nullptr}, ffi::ShapeView(t.shape.data(), t.shape.size()), t.dtype, kCPU, const_cast<void*>(data));
+    model->input_set[index] = true;
+  });
 }
 
 edgecc_status edgecc_model_run(edgecc_model* model) {
@@ -918,7 +964,7 @@ edgecc_status edgecc_model_run(edgecc_model* model) {
   for (size_t i = 0; i < model->inputs.size(); ++i) {
     if (!model->input_set[i]) {
       return SetError(EDGECC_ERR_STATE, "input " + std::to_string(i) + " ('" + model->inputs[i].name +
-                                            "') was never set (edgecc_model_set_input)");
+                                            "') was never set (edgecc_model_set_input or edgecc_model_bind_input)");
     }
   }
   if (!model->vm.has_value()) return SetError(EDGECC_ERR_STATE, "the model has no VM (a failed edgecc_model_set_arena)");

@@ -8,7 +8,7 @@
  *         fprintf(stderr, "%s\n", edgecc_last_error());
  *     }
  *     edgecc_model_set_arena(m, arena, arena_bytes);                        // optional: no heap in run
- *     edgecc_model_set_input(m, 0, data, nbytes);                           // for every input
+ *     edgecc_model_set_input(m, 0, data, nbytes);                           // for every input (or bind_input)
  *     edgecc_model_run(m);
  *     edgecc_model_get_output(m, 0, buffer, nbytes);                        // for every output
  *     edgecc_model_destroy(m);
@@ -30,7 +30,7 @@
 extern "C" {
 #endif
 
-#define EDGECC_MODEL_API_VERSION 2  /* 2: caller-provided arena */
+#define EDGECC_MODEL_API_VERSION 3  /* 2: caller-provided arena; 3: zero-copy inputs (bind_input) */
 
 typedef enum edgecc_status {
   EDGECC_OK = 0,
@@ -44,7 +44,8 @@ typedef enum edgecc_status {
   EDGECC_ERR_NOT_LINKED = 8,        /* edgecc_model_create_linked without a model linked in */
   EDGECC_ERR_STATE = 9,             /* e.g. reading outputs before a successful run, unset inputs */
   EDGECC_ERR_RUNTIME = 10,          /* the TVM runtime reported an error while loading or running */
-  EDGECC_ERR_OUT_OF_MEMORY = 11
+  EDGECC_ERR_OUT_OF_MEMORY = 11,
+  EDGECC_ERR_ALIGNMENT = 12         /* a bound input's address is not aligned as the kernels need */
 } edgecc_status;
 
 typedef struct edgecc_model edgecc_model;
@@ -115,10 +116,20 @@ edgecc_status edgecc_model_arena_bytes(const edgecc_model* model, size_t* bytes)
 edgecc_status edgecc_model_set_arena(edgecc_model* model, void* buffer, size_t nbytes);
 edgecc_status edgecc_model_arena_used(const edgecc_model* model, size_t* bytes);
 
-/* Copy `nbytes` (must equal the input's nbytes) into the model's input buffer `index`. */
+/* Copy `nbytes` (must equal the input's nbytes) into the model's input buffer `index` (any alignment). */
 edgecc_status edgecc_model_set_input(edgecc_model* model, size_t index, const void* data, size_t nbytes);
 
-/* Run the model on the inputs set so far (all of them must have been set once). */
+/* Zero-copy input (API version 3): the runs that follow read input `index` straight from `data`, until the
+ * next set_input or bind_input of that index, or destroy; nothing is copied. `data` must stay valid, and
+ * must not change while edgecc_model_run runs; the model never writes to it. `nbytes` must equal the
+ * input's nbytes. Alignment: edgecc_model_input_alignment gives what the address must be a multiple of:
+ * the element size for artifacts whose kernels load inputs at any element alignment (manifest
+ * signature.input_alignment "element"), else 64 bytes; EDGECC_ERR_ALIGNMENT otherwise (set_input, which
+ * copies, takes any address). */
+edgecc_status edgecc_model_bind_input(edgecc_model* model, size_t index, const void* data, size_t nbytes);
+edgecc_status edgecc_model_input_alignment(const edgecc_model* model, size_t index, size_t* bytes);
+
+/* Run the model on the inputs set so far (all of them must have been set or bound once). */
 edgecc_status edgecc_model_run(edgecc_model* model);
 
 /* Copy output `index` of the last run into `data` (`nbytes` must equal the output's nbytes). */
