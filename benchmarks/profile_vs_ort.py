@@ -156,6 +156,8 @@ class OrtProfiler:
         # the unprofiled reference runs in a worker of its own (`profiled=False`)
         self.profiled = options.get("profiled", True)
         so.enable_profiling = self.profiled
+        if options.get("ort_threads"):
+            so.intra_op_num_threads = int(options["ort_threads"])
         so.profile_file_prefix = os.path.join(workdir, "ort_profile")
         self.session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -331,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="profiled model runs per runtime and round")
     ap.add_argument("--pause", type=float, default=0.2, help="seconds between runtimes (their threads settle)")
     ap.add_argument("--threads", type=int, default=None, help="TVM_NUM_THREADS for edgecc (default: cores)")
+    ap.add_argument("--ort-threads", type=int, default=0,
+                    help="onnxruntime intra_op_num_threads (default 0: its default; 1 with --threads 1: single-thread)")
     ap.add_argument("--artifact", help="an already built edgecc artifact for this model (skip the build)")
     ap.add_argument("--top", type=int, default=20, help="groups to print (0: all)")
     ap.add_argument("--seed", type=int, default=0)
@@ -348,7 +352,7 @@ def main(argv=None) -> int:
         ctx = mp.get_context("spawn")
         env = {"TVM_NUM_THREADS": str(threads)}
         workers = [ProfileWorker(ctx, kind, str(onnx_path), str(feeds_path), str(workdir),
-                                 {"artifact": args.artifact}, env)
+                                 {"artifact": args.artifact, "ort_threads": args.ort_threads}, env)
                    for kind in ("edgecc", "onnxruntime", "onnxruntime:plain")]
         try:
             for w in workers:
@@ -363,7 +367,8 @@ def main(argv=None) -> int:
         finally:
             for w in workers:
                 w.stop()
-    print(f"model {label}; edgecc TVM_NUM_THREADS={threads}, onnxruntime default threads; "
+    ort_threads = f"intra_op_num_threads={args.ort_threads}" if args.ort_threads else "default threads"
+    print(f"model {label}; edgecc TVM_NUM_THREADS={threads}, onnxruntime {ort_threads}; "
           f"{args.rounds} rounds x {args.runs} runs each, alternating; load avg {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": label, "threads": threads, "whole_ms": whole, "runs": results}))
