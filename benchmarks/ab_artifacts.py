@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="TVM threads (default: $TVM_NUM_THREADS, else cores)")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds idle before every call (default 0: back to back). The benchmarks pause 0.2 s "
+                         "between calls; caches and the core's state after an idle gap differ from back-to-back")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -67,11 +70,14 @@ def main(argv=None) -> int:
     times = [[] for _ in calls]
     for _ in range(args.rounds):
         for i, call in enumerate(calls):
+            if args.pause > 0:
+                time.sleep(args.pause)
             t0 = time.perf_counter()
             call()
             times[i].append(time.perf_counter() - t0)
     base = np.array(times[0])
-    print(f"{args.rounds} rounds, TVM threads {threads}; paired = median of per-round ratios to the first")
+    print(f"{args.rounds} rounds, TVM threads {threads}, {args.pause:g} s pause before each call; "
+          "paired = median of per-round ratios to the first")
     for d, ts in zip(args.artifacts, times):
         print(f"{d:40s} median {np.median(ts) * 1e3:8.3f} ms   paired {np.median(np.array(ts) / base):.3f}")
     return 0

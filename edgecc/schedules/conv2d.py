@@ -6,6 +6,8 @@ The padded input stays a separate (parallel, vectorized) stage; the convolution 
 of an im2col GEMM) and the output column `x` as the broadcast row axis, so output widths of 7 or 56 need
 no vector tail. When a whole panel's output fits in L1 (7x7 and 14x14 outputs) and its weights do not, the
 reduction is K-blocked (`contraction._k_chunk`): each chunk of the panel serves every row before the next.
+Otherwise the epilogue (bias, folded BatchNorm, residual, ReLU) and the store run once per output row of a
+panel, along the row (`contraction._row_epilogue`), so a cold output buffer gets whole cache lines.
 Grouped and depthwise convolutions (the channel indexes both operands, so no operand is a plain vector
 operand) are not matched: `depthwise.GroupedConvRule`, next in the rule list, takes them.
 """
