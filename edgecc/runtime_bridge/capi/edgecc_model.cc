@@ -767,6 +767,26 @@ edgecc_status CheckModel(const edgecc_model* model) {
   return EDGECC_OK;
 }
 
+/*! \brief EDGECC_ERR_INDEX unless index < count ("input"/"output" names the kind in the message). */
+edgecc_status CheckIndex(size_t index, size_t count, const char* kind) {
+  if (index < count) return EDGECC_OK;
+  return SetError(EDGECC_ERR_INDEX, std::string(kind) + " index " + std::to_string(index) +
+                                        " out of range (the model has " + std::to_string(count) + " " + kind + "s)");
+}
+
+/*! \brief The checks set_input and bind_input share: index, data pointer, byte size. */
+edgecc_status CheckInputData(const edgecc_model* model, size_t index, const void* data, size_t nbytes) {
+  if (CheckIndex(index, model->inputs.size(), "input") != EDGECC_OK) return EDGECC_ERR_INDEX;
+  const TensorSpec& t = model->inputs[index];
+  if (data == nullptr && t.nbytes > 0) return SetError(EDGECC_ERR_NULL_POINTER, "data is NULL");
+  if (nbytes != t.nbytes) {
+    return SetError(EDGECC_ERR_SIZE, "input " + std::to_string(index) + " ('" + t.name + "', " + t.dtype_name +
+                                         ") takes " + std::to_string(t.nbytes) + " bytes, got " +
+                                         std::to_string(nbytes));
+  }
+  return EDGECC_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -876,10 +896,7 @@ edgecc_status edgecc_model_num_outputs(const edgecc_model* model, size_t* count)
 edgecc_status edgecc_model_input_info(const edgecc_model* model, size_t index, edgecc_tensor_info* info) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   if (info == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "info is NULL");
-  if (index >= model->inputs.size()) {
-    return SetError(EDGECC_ERR_INDEX, "input index " + std::to_string(index) + " out of range (the model has " +
-                                          std::to_string(model->inputs.size()) + " inputs)");
-  }
+  if (CheckIndex(index, model->inputs.size(), "input") != EDGECC_OK) return EDGECC_ERR_INDEX;
   model->inputs[index].Fill(info);
   return EDGECC_OK;
 }
@@ -887,10 +904,7 @@ edgecc_status edgecc_model_input_info(const edgecc_model* model, size_t index, e
 edgecc_status edgecc_model_output_info(const edgecc_model* model, size_t index, edgecc_tensor_info* info) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   if (info == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "info is NULL");
-  if (index >= model->outputs.size()) {
-    return SetError(EDGECC_ERR_INDEX, "output index " + std::to_string(index) + " out of range (the model has " +
-                                          std::to_string(model->outputs.size()) + " outputs)");
-  }
+  if (CheckIndex(index, model->outputs.size(), "output") != EDGECC_OK) return EDGECC_ERR_INDEX;
   model->outputs[index].Fill(info);
   return EDGECC_OK;
 }
@@ -904,17 +918,8 @@ edgecc_status edgecc_model_memory(const edgecc_model* model, edgecc_memory_info*
 
 edgecc_status edgecc_model_set_input(edgecc_model* model, size_t index, const void* data, size_t nbytes) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
-  if (index >= model->inputs.size()) {
-    return SetError(EDGECC_ERR_INDEX, "input index " + std::to_string(index) + " out of range (the model has " +
-                                          std::to_string(model->inputs.size()) + " inputs)");
-  }
-  const TensorSpec& t = model->inputs[index];
-  if (data == nullptr && t.nbytes > 0) return SetError(EDGECC_ERR_NULL_POINTER, "data is NULL");
-  if (nbytes != t.nbytes) {
-    return SetError(EDGECC_ERR_SIZE, "input " + std::to_string(index) + " ('" + t.name + "', " + t.dtype_name +
-                                         ") takes " + std::to_string(t.nbytes) + " bytes, got " +
-                                         std::to_string(nbytes));
-  }
+  edgecc_status st = CheckInputData(model, index, data, nbytes);
+  if (st != EDGECC_OK) return st;
   model->input_tensors[index] = model->input_buffers[index];  // a bound caller buffer is let go
   if (nbytes > 0) std::memcpy(model->input_tensors[index].data_ptr(), data, nbytes);
   model->input_set[index] = true;
@@ -924,10 +929,7 @@ edgecc_status edgecc_model_set_input(edgecc_model* model, size_t index, const vo
 edgecc_status edgecc_model_input_alignment(const edgecc_model* model, size_t index, size_t* bytes) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   if (bytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "bytes is NULL");
-  if (index >= model->inputs.size()) {
-    return SetError(EDGECC_ERR_INDEX, "input index " + std::to_string(index) + " out of range (the model has " +
-                                          std::to_string(model->inputs.size()) + " inputs)");
-  }
+  if (CheckIndex(index, model->inputs.size(), "input") != EDGECC_OK) return EDGECC_ERR_INDEX;
   size_t elem = model->inputs[index].elem_bytes;
   *bytes = model->inputs_any_alignment ? (elem == 0 ? 1 : elem) : kAlign;
   return EDGECC_OK;
@@ -935,16 +937,11 @@ edgecc_status edgecc_model_input_alignment(const edgecc_model* model, size_t ind
 
 edgecc_status edgecc_model_bind_input(edgecc_model* model, size_t index, const void* data, size_t nbytes) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
-  size_t align = 0;
-  edgecc_status st = edgecc_model_input_alignment(model, index, &align);
+  edgecc_status st = CheckInputData(model, index, data, nbytes);
   if (st != EDGECC_OK) return st;
+  size_t align = 0;
+  edgecc_model_input_alignment(model, index, &align);
   const TensorSpec& t = model->inputs[index];
-  if (data == nullptr && t.nbytes > 0) return SetError(EDGECC_ERR_NULL_POINTER, "data is NULL");
-  if (nbytes != t.nbytes) {
-    return SetError(EDGECC_ERR_SIZE, "input " + std::to_string(index) + " ('" + t.name + "', " + t.dtype_name +
-                                         ") takes " + std::to_string(t.nbytes) + " bytes, got " +
-                                         std::to_string(nbytes));
-  }
   if (reinterpret_cast<uintptr_t>(data) % align != 0) {
     return SetError(EDGECC_ERR_ALIGNMENT,
                     "input " + std::to_string(index) + " ('" + t.name + "'): the address is not a multiple of " +
@@ -1063,10 +1060,7 @@ edgecc_status edgecc_model_arena_used(const edgecc_model* model, size_t* bytes) 
 edgecc_status edgecc_model_output_data(const edgecc_model* model, size_t index, const void** data, size_t* nbytes) {
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   if (data == nullptr || nbytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "data or nbytes is NULL");
-  if (index >= model->outputs.size()) {
-    return SetError(EDGECC_ERR_INDEX, "output index " + std::to_string(index) + " out of range (the model has " +
-                                          std::to_string(model->outputs.size()) + " outputs)");
-  }
+  if (CheckIndex(index, model->outputs.size(), "output") != EDGECC_OK) return EDGECC_ERR_INDEX;
   if (!model->has_results) return SetError(EDGECC_ERR_STATE, "no outputs: edgecc_model_run has not succeeded yet");
   const DLTensor* dl = model->results[index].GetDLTensorPtr();
   *data = static_cast<const char*>(dl->data) + dl->byte_offset;
