@@ -208,11 +208,12 @@ def _worker(kind: str, onnx_path: str, feeds_path: str, workdir: str, options: d
 
 
 class Worker:
-    def __init__(self, ctx, kind, onnx_path, feeds_path, workdir, options, env):
+    def __init__(self, ctx, kind, onnx_path, feeds_path, workdir, options, env, target=None):
+        """`target`: the worker process's main loop (default `_worker`; profile_vs_ort.py brings its own)."""
         self.kind = kind
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_worker, args=(kind, onnx_path, feeds_path, workdir, options, env, child), daemon=True
+            target=target or _worker, args=(kind, onnx_path, feeds_path, workdir, options, env, child), daemon=True
         )
         self.proc.start()
         child.close()

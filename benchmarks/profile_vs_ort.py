@@ -241,16 +241,6 @@ def _worker(kind: str, onnx_path: str, feeds_path: str, workdir: str, options: d
             conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"))
 
 
-class ProfileWorker(Worker):
-    def __init__(self, ctx, kind, onnx_path, feeds_path, workdir, options, env):
-        self.kind = kind
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(kind, onnx_path, feeds_path, workdir, options, env, child),
-                                daemon=True)
-        self.proc.start()
-        child.close()
-
-
 # ------------------------------------------------------------------------------------------------ tables
 
 
@@ -351,8 +341,8 @@ def main(argv=None) -> int:
         np.savez(feeds_path, **feeds)
         ctx = mp.get_context("spawn")
         env = {"TVM_NUM_THREADS": str(threads)}
-        workers = [ProfileWorker(ctx, kind, str(onnx_path), str(feeds_path), str(workdir),
-                                 {"artifact": args.artifact, "ort_threads": args.ort_threads}, env)
+        workers = [Worker(ctx, kind, str(onnx_path), str(feeds_path), str(workdir),
+                          {"artifact": args.artifact, "ort_threads": args.ort_threads}, env, target=_worker)
                    for kind in ("edgecc", "onnxruntime", "onnxruntime:plain")]
         try:
             for w in workers:

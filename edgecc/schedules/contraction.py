@@ -27,8 +27,9 @@ whole half-vectors that divides the axis (memory-bound; padding would copy the m
 
 Row tiles: `mr`, or a divisor of the row extent down to mr/2 + 1 (conv widths 7/14/28 take 7 rows: no
 predicated partial tile). When the output's contiguous axis is the row axis (conv NCHW), the epilogue runs
-vectorized along it, once per output row of a panel rather than per tile (`_row_epilogue`: whole-line stores). A convolution's zero-padded input stays a separate stage (never inlined into the
-micro-kernel, where it put a bounds check on every broadcast: 3x3 convs ran 3-4x slower).
+vectorized along it, once per output row of a panel rather than per tile (`_row_epilogue`: whole-line
+stores). A convolution's zero-padded input stays a separate stage (never inlined into the micro-kernel,
+where it put a bounds check on every broadcast: 3x3 convs ran 3-4x slower).
 """
 
 from __future__ import annotations

@@ -774,6 +774,13 @@ edgecc_status CheckIndex(size_t index, size_t count, const char* kind) {
                                         " out of range (the model has " + std::to_string(count) + " " + kind + "s)");
 }
 
+/*! \brief Bytes a bound input's address must be a multiple of: the element size when the kernels load inputs at
+ *  any element alignment (manifest signature.input_alignment "element"), else the 64 TVM assumes. */
+size_t InputAlignment(const edgecc_model* model, size_t index) {
+  size_t elem = model->inputs[index].elem_bytes;
+  return model->inputs_any_alignment ? (elem == 0 ? 1 : elem) : kAlign;
+}
+
 /*! \brief The checks set_input and bind_input share: index, data pointer, byte size. */
 edgecc_status CheckInputData(const edgecc_model* model, size_t index, const void* data, size_t nbytes) {
   if (CheckIndex(index, model->inputs.size(), "input") != EDGECC_OK) return EDGECC_ERR_INDEX;
@@ -930,8 +937,7 @@ edgecc_status edgecc_model_input_alignment(const edgecc_model* model, size_t ind
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   if (bytes == nullptr) return SetError(EDGECC_ERR_NULL_POINTER, "bytes is NULL");
   if (CheckIndex(index, model->inputs.size(), "input") != EDGECC_OK) return EDGECC_ERR_INDEX;
-  size_t elem = model->inputs[index].elem_bytes;
-  *bytes = model->inputs_any_alignment ? (elem == 0 ? 1 : elem) : kAlign;
+  *bytes = InputAlignment(model, index);
   return EDGECC_OK;
 }
 
@@ -939,8 +945,7 @@ edgecc_status edgecc_model_bind_input(edgecc_model* model, size_t index, const v
   if (CheckModel(model) != EDGECC_OK) return EDGECC_ERR_NULL_POINTER;
   edgecc_status st = CheckInputData(model, index, data, nbytes);
   if (st != EDGECC_OK) return st;
-  size_t align = 0;
-  edgecc_model_input_alignment(model, index, &align);
+  size_t align = InputAlignment(model, index);
   const TensorSpec& t = model->inputs[index];
   if (reinterpret_cast<uintptr_t>(data) % align != 0) {
     return SetError(EDGECC_ERR_ALIGNMENT,
