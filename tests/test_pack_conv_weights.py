@@ -210,6 +210,42 @@ def test_k_blocked_panels_prefetch_the_next_chunk(x_shape, w_shape, attrs, ahead
     np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((1, 300, 7, 7), (256, 300, 1, 1), {}),  # the input itself is the chunked operand
+    ((1, 64, 6, 5), (256, 64, 3, 3), {"padding": [1, 1]}),  # its zero-padded copy is
+])
+@pytest.mark.parametrize("on", [True, False])
+def test_k_blocked_panels_prefetch_their_input(x_shape, w_shape, attrs, on, monkeypatch):
+    """A K-blocked conv (batch 1) also prefetches the next chunk of its input channels, only in the first panel
+    of each core's share (under an `if`), unless the params turn it off; the weight prefetches stay either
+    way. Results against float64."""
+    import dataclasses
+
+    import edgecc.schedules as schedules
+    from tests.test_prefetch import _prefetch_calls
+
+    base_params = schedules.cpu_params
+    monkeypatch.setattr(schedules, "cpu_params",
+                        lambda spec: dataclasses.replace(base_params(spec), kblock_prefetch_input=on))
+    mod = _conv_module(x_shape, w_shape, **attrs)
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    (conv,) = [f for gv, f in relax_pipeline(HOST)(new).functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    calls = _prefetch_calls(conv)
+    panel_shape = tuple(named[0][1].shape)
+    assert {c for c in calls if c[0] == panel_shape} == {(panel_shape, False, False)}  # weights: always
+    pad = attrs.get("padding", [0, 0])
+    input_shape = (1, x_shape[1], x_shape[2] + 2 * pad[0], x_shape[3] + 2 * pad[1])
+    inputs = {c for c in calls if c[0] != panel_shape}
+    assert inputs == ({(input_shape, False, True)} if on else set())
+    x = np.random.default_rng(5).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [x] + [a for _, a in named])
+    ref = _conv_ref64(x, weights[0][1], (1, 1), pad * 2)
+    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.cross
 def test_neon_under_qemu(neon_runs, tmp_path):
     from tests.test_schedules import run_on_neon

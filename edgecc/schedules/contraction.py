@@ -66,7 +66,9 @@ class Contraction:
     v_elems: int = 0  # elements of the V and S buffers (which operand is worth keeping in cache)
     s_elems: int = 0
     prepacked_nr: int = 0  # V already in panels at build time: V[.., v // nr, k.., v % nr] (no pack, no pad)
-    chunk_prefetch: object = None  # set by `schedule`: a `prefetch.ChunkPrefetch` to add to the K-blocked nest
+    s_load: object = None  # the S operand's load in the block (its buffer and indices)
+    # set by `schedule`: the `prefetch.ChunkPrefetch` plans to add to the K-blocked nest (weights, input)
+    chunk_prefetch: list = field(default_factory=list)
 
 
 def _plain(expr) -> bool:
@@ -212,6 +214,7 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
         v_row_elems=int(vload.source.shape[-1]) if isinstance(vload.source.shape[-1], tirx.IntImm) else 0,
         v_elems=_elems(vload.source),
         s_elems=_elems(sload.source),
+        s_load=sload,
         prepacked_nr=prepacked_nr,
     )
 
@@ -327,6 +330,7 @@ def schedule(
     # panels, or V is the smaller operand: a conv's weight next to a large input) the whole of V is packed
     # first, in its own parallel loop
     pack_block = None
+    panel_prefetch = None  # (panel loop, row-tile loop) of a nest that packs V per panel
     panels = -(-n_ext // nr)
     for x in c.batch_v:
         panels *= c.extents[x]
@@ -432,7 +436,9 @@ def schedule(
         if row_epi:  # the row-tile loop sits beside the epilogue: only the loops above it fuse
             rest = rest[:-1]
         if len(rest) > 1:
-            sch.fuse(*rest)
+            rest = [sch.fuse(*rest)]
+        if params.panel_prefetch and rest and not row_epi and chunk is None:
+            panel_prefetch = (fused, rest[0])
         outer_levels = 2 if rest else 1
         sch.compute_at(pack_block, fused, preserve_unit_loops=True)
         _schedule_panel_pack(sch, pack_block, c.v_dims, nr, lanes)
@@ -466,8 +472,12 @@ def schedule(
         init = sch.decompose_reduction(block, reds[0])
         sch.vectorize(sch.get_loops(init)[-1])
 
+    if panel_prefetch is not None:
+        c.chunk_prefetch = _next_panel_plans(sch, c, v_source, *panel_prefetch, tile_blocks, nr, params.panel_prefetch)
     if chunk is not None and c.prepacked_nr and params.kblock_prefetch_ahead and len(panel) == 1 and rows:
-        c.chunk_prefetch = _chunk_prefetch_plan(sch, c, v_source, fused, reds[0], rows, chunk[1], nr, params)
+        c.chunk_prefetch = [_chunk_prefetch_plan(sch, c, v_source, fused, reds[0], rows, chunk[1], nr, params)]
+        if params.kblock_prefetch_input:
+            c.chunk_prefetch += _input_chunk_plan(sch, c, fused, panels, reds[0], rows, chunk[1], params)
 
     # 6. whatever is left at the root (pad copies, epilogues that could not be fused) is elementwise
     done = {sch.get(block).name_hint} | ({sch.get(pack_block).name_hint} if pack_block is not None else set())
@@ -496,14 +506,94 @@ def _chunk_prefetch_plan(sch, c: Contraction, v_buffer, panel_loop, chunk_loop, 
     for k in c.red_vars:
         k_total *= c.extents[k]
     chunk_elems = k_in * (k_total // c.extents[c.red_vars[0]]) * nr
-    loops = [sch.get(lp) for lp in row_loops]
-    step, steps = None, 1  # the row tile's index among the chunk's row tiles, and their number
-    for lp in loops:
+    step, steps = _row_steps(sch, row_loops)
+    start = sch.get(panel_loop).loop_var * (k_total * nr) + sch.get(chunk_loop).loop_var * chunk_elems
+    return ChunkPrefetch(v_buffer, sch.get(row_loops[-1]).loop_var, start, chunk_elems, step, steps,
+                         ahead=params.kblock_prefetch_ahead)
+
+
+def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_blocks, nr: int, what: int = 3) -> list:
+    """Prefetches, spread over a panel's row tiles, of what the next panel reads and writes, for a GEMM that
+    packs each panel of V (the columns `nr` wide) right before its tiles: V's next `K x nr` columns, and the
+    next `M x nr` columns of the epilogue's operands shaped like the output (a residual) and of the output.
+
+    Why: these are column panels of row-major matrices, K or M rows of 128 bytes each, one stream per row,
+    which the hardware prefetchers do not follow; at 2 threads half of them were written by the other core
+    in the previous kernel. ResNet-50's 1x1 convs at 56x56 (as GEMMs over 3136 columns) ran 1.2-1.5x
+    onnxruntime's time in sequence, 1.0-1.1x alone."""
+    from edgecc.schedules.prefetch import ChunkPrefetch
+
+    intermediates = base.intermediate_buffers(sch)
+
+    def _2d(buf):
+        shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in buf.shape]
+        return shape if len(shape) == 2 and None not in shape else None
+
+    panel = sch.get(panel_loop).loop_var
+    step, steps = _row_steps(sch, [row_loop])
+    plans = []
+
+    def _columns(buf, write=False):
+        rows, cols = _2d(buf)
+        plans.append(ChunkPrefetch(buf, sch.get(row_loop).loop_var, panel * nr, rows * nr, step, steps, ahead=1,
+                                   row_elems=nr, row_stride=cols, advance=nr, write=write))
+
+    if what & 1 and c.v_dims == ["k", "v"] and _2d(v_source):
+        _columns(v_source)
+    out = _2d(c.out_buffer)
+    if out is None or c.out_v_dim != 1 or not what & 2:
+        return plans
+    seen = {v_source}
+    for blk in tile_blocks:
+        stmt = sch.get(blk)
+        for buf in [r.source for r in stmt.reads] + [w.source for w in stmt.writes]:
+            if buf in seen or any(buf.same_as(b) for b in intermediates) or _2d(buf) != out:
+                continue
+            seen.add(buf)
+            _columns(buf, write=any(buf.same_as(w.source) for w in stmt.writes))
+    return plans
+
+
+def _row_steps(sch, row_loops):
+    """(the row tile's index among a chunk's row tiles, their number): each prefetch plan spreads its lines
+    over these steps."""
+    step, steps = None, 1
+    for lp in (sch.get(x) for x in row_loops):
         step = lp.loop_var if step is None else step * lp.extent + lp.loop_var
         steps *= int(lp.extent)
-    start = sch.get(panel_loop).loop_var * (k_total * nr) + sch.get(chunk_loop).loop_var * chunk_elems
-    return ChunkPrefetch(v_buffer, loops[-1].loop_var, start, chunk_elems, step, steps,
-                         ahead=params.kblock_prefetch_ahead)
+    return step, steps
+
+
+def _input_chunk_plan(sch, c: Contraction, panel_loop, panels: int, chunk_loop, row_loops, k_in: int,
+                      params: CpuParams) -> list:
+    """The prefetch of the input's next chunk in a K-blocked nest, when that chunk is one contiguous range (the
+    chunked reduction axis, a conv's input channel, is the input's outermost axis of extent > 1: NCHW, batch 1).
+
+    Why: at 2+ threads a kernel's input was mostly written by the other core in the previous kernel, and the
+    nest reads it one channel row at a time across the chunk's channels (128 streams for a 1x1 conv), which
+    the hardware prefetchers do not follow: ResNet-50's 1024 -> 256 1x1 conv at 14x14 scaled 1.3x from one to
+    two threads in a chain of such convs and 1.95x as a one-op file (whose input stays cached in both cores);
+    rewriting that input from one core before each call cost the same ~0.2 ms. Only the first panel of each
+    thread's share (static ranges of ceil(panels / cores)) prefetches: by the next one the input is in this
+    core's L2, and prefetching it again cost 6-8% on convs with many panels (256 -> 1024 at 14x14)."""
+    from edgecc.schedules.prefetch import ChunkPrefetch
+
+    load = c.s_load
+    if load is None or not c.red_vars:
+        return []
+    shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in load.source.shape]
+    pos = [n for n, idx in enumerate(load.indices) if idx.same_as(c.red_vars[0])]
+    if None in shape or len(pos) != 1 or any(shape[d] != 1 for d in range(pos[0])):
+        return []
+    plane = 1
+    for d in shape[pos[0] + 1:]:
+        plane *= d
+    step, steps = _row_steps(sch, row_loops)
+    chunk_elems = k_in * plane
+    share = -(-panels // max(1, params.num_cores))
+    first = tirx.floormod(sch.get(panel_loop).loop_var, share) == 0
+    return [ChunkPrefetch(load.source, sch.get(row_loops[-1]).loop_var, sch.get(chunk_loop).loop_var * chunk_elems,
+                          chunk_elems, step, steps, ahead=1, when=first)]
 
 
 def _k_chunk(c: Contraction, params: CpuParams, nr: int, mr: int, panels: int):

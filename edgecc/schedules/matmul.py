@@ -66,7 +66,7 @@ class Matmul(base.ScheduleRule):
             if c is None or c.s_plain != self.want_plain_s:
                 return None
             contraction.schedule(work, c, params, fuse_epilogue=fuse_epilogue, k_block=self.k_block)
-            if c.chunk_prefetch is not None:
+            if c.chunk_prefetch:
                 return PrefetchedSchedule(work, c.chunk_prefetch)
             return work
 

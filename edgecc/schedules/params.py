@@ -34,6 +34,11 @@ class CpuParams:
     kblock_acc_bytes: int = 32 * 1024
     # ... and how many chunks ahead their weights are prefetched (0: not at all; `prefetch.py`)
     kblock_prefetch_ahead: int = 1
+    # ... and whether their input's next chunk is prefetched too (`contraction._input_chunk_plan`)
+    kblock_prefetch_input: bool = True
+    # GEMMs that pack V per panel prefetch the next panel's V columns, residual and output lines
+    # (`contraction._next_panel_plans`)
+    panel_prefetch: int = 3
 
     @property
     def max_rows(self) -> int:

@@ -31,20 +31,22 @@ LOCALITY_L1, LOCALITY_L2 = 3, 2
 CACHE_LINE_BYTES = 64
 
 
-def prefetch(load, locality: int = LOCALITY_L1):
-    """`llvm.prefetch` (read, data) of the address of the buffer element `load`, e.g. for TVMScript kernels
-    `T.evaluate(prefetch(buf[i]))`."""
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), tirx.IntImm("int32", 0),
+def prefetch(load, locality: int = LOCALITY_L1, write: bool = False):
+    """`llvm.prefetch` (read or write, data) of the address of the buffer element `load`, e.g. for TVMScript
+    kernels `T.evaluate(prefetch(buf[i]))`."""
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(load), tirx.IntImm("int32", int(write)),
                                  tirx.IntImm("int32", locality), tirx.IntImm("int32", 1))
 
 
 @dataclass
 class ChunkPrefetch:
-    """Where and what to prefetch in a K-blocked contraction (built by `contraction.schedule`).
+    """Where and what to prefetch in a blocked contraction (built by `contraction.schedule`).
 
     `loop_var`: the innermost row-tile loop; each row tile is one `step` (an expression of the loop vars,
     0 .. `steps` - 1) and prefetches `lines_per_step` cache lines of the chunk `ahead` chunks after the one
-    that starts at element `chunk_start` (an expression) of `buffer` (the packed panels, flat)."""
+    that starts at element `chunk_start` (an expression) of `buffer` (flat). A chunk is contiguous, or, with
+    `row_stride`, `chunk_elems // row_elems` rows of `row_elems` contiguous elements `row_stride` apart (a
+    column panel of a row-major matrix); consecutive chunks are `advance` elements apart (default: one chunk)."""
 
     buffer: tirx.Buffer
     loop_var: tirx.Var
@@ -54,6 +56,11 @@ class ChunkPrefetch:
     steps: int
     ahead: int = 1
     locality: int = LOCALITY_L2
+    when: object = None  # a condition (expression of the loop vars) under which to prefetch; None: always
+    row_elems: int = 0  # with row_stride: a strided chunk (see above)
+    row_stride: int = 0
+    advance: int = 0
+    write: bool = False  # prefetch for writing (the epilogue's output lines)
 
     @property
     def elems_per_line(self) -> int:
@@ -62,9 +69,25 @@ class ChunkPrefetch:
         return max(1, CACHE_LINE_BYTES * 8 // tvm.runtime.DataType(str(self.buffer.dtype)).bits)
 
     @property
+    def lines_per_row(self) -> int:
+        """Cache lines of one contiguous row of the chunk (the whole chunk when it is contiguous)."""
+        return -(-(self.row_elems if self.row_stride else self.chunk_elems) // self.elems_per_line)
+
+    @property
+    def chunk_lines(self) -> int:
+        rows = self.chunk_elems // self.row_elems if self.row_stride else 1
+        return rows * self.lines_per_row
+
+    @property
     def lines_per_step(self) -> int:
-        lines = -(-self.chunk_elems // self.elems_per_line)
-        return -(-lines // self.steps)
+        return -(-self.chunk_lines // self.steps)
+
+    def line_offset(self, line):
+        """Element offset of the chunk's cache line number `line` (an expression) from the chunk's start."""
+        if not self.row_stride:
+            return line * self.elems_per_line
+        per_row = self.lines_per_row
+        return (tirx.floordiv(line, per_row) * self.row_stride + tirx.floormod(line, per_row) * self.elems_per_line)
 
 
 def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.PrimFunc:
@@ -78,7 +101,7 @@ def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.Prim
     # parameter cannot be declared here: "DeclBuffer requires a physical data binding")
     zeros = [tirx.IntImm(idx_dtype, 0)] * (len(buf.shape) - 1)
     per_line = plan.elems_per_line
-    chunk_lines = -(-plan.chunk_elems // per_line)
+    chunk_lines = plan.chunk_lines
     last = tirx.IntImm(idx_dtype, max(0, total - per_line))
     found = []
 
@@ -87,11 +110,13 @@ def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.Prim
             return mutator.default_mutate(stmt)
         found.append(stmt)
         stmts = []
-        start = plan.chunk_start + tirx.IntImm(idx_dtype, plan.ahead * plan.chunk_elems)
+        start = plan.chunk_start + tirx.IntImm(idx_dtype, plan.ahead * (plan.advance or plan.chunk_elems))
         for p in range(plan.lines_per_step):
             line = tirx.min(plan.step * plan.lines_per_step + p, chunk_lines - 1)
-            addr = tirx.min(start + line * per_line, last)
-            stmts.append(tirx.Evaluate(prefetch(tirx.BufferLoad(buf, zeros + [addr]), plan.locality)))
+            addr = tirx.min(start + plan.line_offset(line), last)
+            stmts.append(tirx.Evaluate(prefetch(tirx.BufferLoad(buf, zeros + [addr]), plan.locality, plan.write)))
+        if plan.when is not None:
+            stmts = [tirx.IfThenElse(plan.when, tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0], None)]
         return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, tirx.SeqStmt(stmts + [stmt.body]),
                         stmt.thread_binding, stmt.annotations)
 
@@ -103,19 +128,20 @@ def insert_chunk_prefetch(func: tirx.PrimFunc, plan: ChunkPrefetch) -> tirx.Prim
 
 class PrefetchedSchedule:
     """A finished schedule and the prefetches to add to its function: what a `ScheduleRule.apply` returns when
-    the schedule made a plan (its `mod` is the scheduled module with the prefetches in)."""
+    the schedule made plans (its `mod` is the scheduled module with the prefetches in)."""
 
-    def __init__(self, sch, plan: ChunkPrefetch):
+    def __init__(self, sch, plans: list[ChunkPrefetch]):
         self.sch = sch
-        self.plan = plan
+        self.plans = list(plans)
 
     @property
     def mod(self):
         import tvm
 
         func = self.sch.mod["main"]
-        try:
-            func = insert_chunk_prefetch(func, self.plan)
-        except Exception as exc:  # noqa: BLE001 - the kernel is right without its prefetches, only slower
-            log.warning("software prefetch not added to a scheduled kernel: %s", exc)
+        for plan in self.plans:
+            try:
+                func = insert_chunk_prefetch(func, plan)
+            except Exception as exc:  # noqa: BLE001 - the kernel is right without its prefetches, only slower
+                log.warning("software prefetch not added to a scheduled kernel: %s", exc)
         return tvm.IRModule({"main": func})
