@@ -81,6 +81,37 @@ def test_ir_before_after():
     np.testing.assert_array_equal(named[1][1], weights[1][1])
 
 
+def test_strided_1x1_conv_subsamples_first():
+    """conv2d(x, w, strides=(2, 3)) with a 1x1 kernel  ==>  strided_slice(x, ::2, ::3), then the panel conv
+    with strides 1 on the subsampled input; results against float64 on odd sizes."""
+    x_shape, w_shape = (1, 24, 15, 13), (64, 24, 1, 1)
+    mod = _conv_module(x_shape, w_shape, strides=[2, 3])
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(mod, weights, HOST)
+    assert count == 1
+    nr = cpu_params(HOST).nr(32)
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
+    wp = relax.Var("w_panels", relax.TensorType([64 // nr, 24, 1, 1, nr], F32))
+    s = relax.Var("s", relax.TensorType([64], F32))
+    kernel = bb.add_func(conv2d_panels_primfunc([1, 24, 8, 5], 64, 1, 1, nr, [1, 1], [0, 0, 0, 0], [1, 1], F32),
+                         "conv2d_panels")
+    with bb.function("main", [x, wp, s], attrs={"num_input": 1}):
+        with bb.dataflow():
+            sub = bb.emit(R.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[15, 13], strides=[2, 3]))
+            y = bb.emit(relax.call_tir(kernel, [sub, wp], relax.TensorType([1, 64, 8, 5], F32)))
+            y = bb.emit(R.multiply(y, R.reshape(s, [1, 64, 1, 1])))
+            y = bb.emit(R.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(new, bb.get())
+    xv = np.random.default_rng(6).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [xv] + [a for _, a in named])
+    ref = _conv_ref64(xv, weights[0][1], (2, 3))
+    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["grouped", "nhwc", "weight_not_param", "read_elsewhere", "odd_channels"])
 def test_not_rewritten(case):
     x_shape, w_shape, attrs = (1, 8, 6, 6), (32, 8, 3, 3), {}
