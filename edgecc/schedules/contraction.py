@@ -523,11 +523,9 @@ def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_
     onnxruntime's time in sequence, 1.0-1.1x alone."""
     from edgecc.schedules.prefetch import ChunkPrefetch
 
-    intermediates = base.intermediate_buffers(sch)
-
     def _2d(buf):
-        shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in buf.shape]
-        return shape if len(shape) == 2 and None not in shape else None
+        shape = _static_shape(buf)
+        return shape if shape is not None and len(shape) == 2 else None
 
     panel = sch.get(panel_loop).loop_var
     step, steps = _row_steps(sch, [row_loop])
@@ -543,15 +541,30 @@ def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_
     out = _2d(c.out_buffer)
     if out is None or c.out_v_dim != 1 or not what & 2:
         return plans
-    seen = {v_source}
+    for buf, write in _epilogue_buffers(sch, tile_blocks, out, v_source):
+        _columns(buf, write)
+    return plans
+
+
+def _static_shape(buf) -> list | None:
+    shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in buf.shape]
+    return None if None in shape else shape
+
+
+def _epilogue_buffers(sch, tile_blocks, out_shape: list, exclude) -> list:
+    """[(buffer, written)]: the function's buffers of shape `out_shape` that the epilogue blocks read (a
+    residual) or write (the output), each once, `exclude` left out."""
+    intermediates = base.intermediate_buffers(sch)
+    found = []
     for blk in tile_blocks:
         stmt = sch.get(blk)
-        for buf in [r.source for r in stmt.reads] + [w.source for w in stmt.writes]:
-            if buf in seen or any(buf.same_as(b) for b in intermediates) or _2d(buf) != out:
+        written = [w.source for w in stmt.writes]
+        for buf in [r.source for r in stmt.reads] + written:
+            if (buf.same_as(exclude) or any(buf.same_as(b) for b in intermediates) or _static_shape(buf) != out_shape
+                    or any(buf.same_as(f) for f, _ in found)):
                 continue
-            seen.add(buf)
-            _columns(buf, write=any(buf.same_as(w.source) for w in stmt.writes))
-    return plans
+            found.append((buf, any(buf.same_as(w) for w in written)))
+    return found
 
 
 def _row_steps(sch, row_loops):
