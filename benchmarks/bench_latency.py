@@ -254,6 +254,41 @@ class Worker:
             self.proc.join(5)
 
 
+class InProcessWorker:
+    """A runner in this process, behind `Worker`'s interface (`--same-process`). Valid single-threaded only:
+    there neither runtime keeps a thread pool that spins after a call (two 2-thread runtimes in one process
+    spin against each other and ran 2x slower), and both see the same machine state call by call, which
+    made the edgecc/onnxruntime ratio of the least noisy of this machine's measurements (per-round spread ~2%
+    where separate 2-thread processes swing 0.92-1.2x within minutes)."""
+
+    def __init__(self, kind, onnx_path, feeds, workdir, options):
+        self.kind = kind
+        self._setup = (onnx_path, workdir, options)
+        self._feeds = feeds
+        self.runner = None
+        self.info = None
+
+    def wait_ready(self, timeout: float):
+        try:
+            self.runner = RUNNERS[self.kind](*self._setup)
+        except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
+            raise RuntimeError(f"{self.kind} failed to set up: {type(exc).__name__}: {exc}") from exc
+        self.info = self.runner.info
+        return self.info
+
+    def call(self, msg):
+        if msg == "time":
+            t0 = time.perf_counter_ns()
+            self.runner.run(self._feeds)
+            return (time.perf_counter_ns() - t0) / 1e6
+        if msg == "outputs":
+            return {k: np.asarray(v) for k, v in self.runner.run(self._feeds).items()}
+        return "bye"
+
+    def stop(self):
+        self.runner = None
+
+
 # ------------------------------------------------------------------------------------------------ model + feeds
 
 
@@ -367,6 +402,10 @@ def main(argv=None) -> int:
                     help="onnxruntime: run its quantize_dynamic (int8, per-channel) version of the model instead")
     ap.add_argument("--setup-timeout", type=float, default=3600, help="seconds a worker may take to build/load")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run both runtimes in this process, calls alternating (needs --threads 1 --ort-threads 1: "
+                         "thread pools that spin after a call would slow each other); steadier ratios, "
+                         "single-thread speed only")
     args = ap.parse_args(argv)
 
     kinds = [k.strip() for k in args.runtimes.split(",") if k.strip()]
@@ -377,6 +416,9 @@ def main(argv=None) -> int:
         raise SystemExit("edgecc/build.py is missing; run with --runtimes tvm,onnxruntime for the plain-TVM baseline")
 
     threads = args.threads or int(os.environ.get("TVM_NUM_THREADS", "0") or 0) or _cores()
+    if args.same_process and (threads != 1 or args.ort_threads != 1):
+        raise SystemExit("--same-process compares single-threaded speed: add --threads 1 --ort-threads 1 "
+                         "(2-thread runtimes in one process spin against each other)")
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(prefix="edgecc_bench_") as tmp:
         workdir = Path(tmp)
@@ -392,11 +434,16 @@ def main(argv=None) -> int:
         env = {"TVM_NUM_THREADS": str(threads)}
         options = {"target": args.target, "artifact": args.artifact, "shapes": {k: list(v.shape) for k, v in feeds.items()},
                    "quantize": args.quantize, "ort_quantize": args.ort_quantize, "ort_threads": args.ort_threads}
+        if args.same_process:
+            os.environ.update(env)  # before this process starts TVM's pool
         workers = []
         try:
             # Set up one at a time: builds are heavy, and the other worker's import should not slow them.
             for kind in kinds:
-                w = Worker(ctx, kind, str(onnx_path), str(feeds_path), str(workdir), options, env)
+                if args.same_process:
+                    w = InProcessWorker(kind, str(onnx_path), feeds, str(workdir), options)
+                else:
+                    w = Worker(ctx, kind, str(onnx_path), str(feeds_path), str(workdir), options, env)
                 workers.append(w)
                 info = w.wait_ready(args.setup_timeout)
                 print(f"{kind:<12} ready: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -435,7 +482,8 @@ def main(argv=None) -> int:
                 w.stop()
 
     stats = {k: summarize(v) for k, v in times.items()}
-    print(f"\n{args.iters} timed calls each, alternating, {args.pause * 1000:.0f} ms pause; "
+    where = "in this one process" if args.same_process else "each runtime in its own process"
+    print(f"\n{args.iters} timed calls each, alternating, {where}, {args.pause * 1000:.0f} ms pause; "
           f"load avg {load_before:.2f} -> {load_after:.2f}")
     print(f"{'runtime':<12} {'median ms':>10} {'p10':>9} {'p90':>9} {'min':>9}  threads")
     for w in workers:
@@ -443,6 +491,7 @@ def main(argv=None) -> int:
         print(f"{w.kind:<12} {s['median_ms']:>10.3f} {s['p10_ms']:>9.3f} {s['p90_ms']:>9.3f} {s['min_ms']:>9.3f}  "
               f"{w.info['threads']}")
     result = {"model": desc, "iters": args.iters, "pause_s": args.pause, "stats": stats, "check": diffs,
+              "same_process": bool(args.same_process),
               "threads": {w.kind: w.info["threads"] for w in workers},
               "load_avg": [load_before, load_after], "raw_ms": times}
     if "edgecc" in stats and "onnxruntime" in stats:
