@@ -12,7 +12,8 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from edgecc.ir_passes.pack_gemv_weights import pack_gemv_weights, pack_panels, panel_width  # noqa: E402
+from edgecc.ir_passes.pack_gemv_weights import (  # noqa: E402
+    pack_gemv_weights, pack_panels, panel_layout, panel_width)
 from edgecc.schedules.params import cpu_params  # noqa: E402
 from edgecc.targets.registry import get_target  # noqa: E402
 
@@ -113,8 +114,8 @@ def test_build_matches_onnxruntime(tmp_path, n, gemm):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     result = build_artifact(str(path), str(tmp_path / "out"), target="host")
     shapes = [p["shape"] for p in result.manifest["params"]]
-    nr = panel_width(n, cpu_params(HOST), 32)
-    assert [n // nr, k, nr] in shapes  # the weight is stored as panels
+    nr, n_padded = panel_layout(n, cpu_params(HOST), 32)
+    assert [n_padded // nr, k, nr] in shapes  # the weight is stored as panels
     x = rng.standard_normal((1, k)).astype("float32")
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = load_artifact(tmp_path / "out").run({"x": x})["y"]
@@ -128,6 +129,40 @@ def test_panel_width_prefers_whole_vectors():
     assert panel_width(1000, neon, 32) == 8
     assert panel_width(1000, cpu_params(get_target("x86-avx512")), 32) == 40  # no whole vectors divide 1000
     assert panel_width(576, neon, 32) == neon.gemv_nr(32)
+
+
+def test_panel_layout_pads_to_full_panels_when_cheap():
+    """1000 columns on AVX-512 (64-wide GEMV tiles): 16 full panels over 1024 columns, not 25 of 40; 96 would
+    need a third more columns (keeps its own width); multiples of the tile are left alone."""
+    avx512 = cpu_params(get_target("x86-avx512"))
+    assert avx512.gemv_nr(32) == 64
+    assert panel_layout(1000, avx512, 32) == (64, 1024)
+    assert panel_layout(96, avx512, 32) == (panel_width(96, avx512, 32), 96)
+    assert panel_layout(3072, avx512, 32) == (64, 3072)
+
+
+def test_padded_panels_hold_zero_columns_and_compute_the_same():
+    """k x 1000 on the host: the stored panels are the weight followed by zero columns; the module's outputs
+    (1000 of them, the extra ones cut off) against numpy float64."""
+    k, n = 24, 1000
+    nr, n_padded = panel_layout(n, cpu_params(HOST), 32)
+    assert n_padded > n
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((k, n)).astype("float32")
+    b = rng.standard_normal(n).astype("float32")
+    after, named, count = pack_gemv_weights(_module(1, k, n), [("w", w), ("b", b)], HOST)
+    assert count == 1 and "relax.strided_slice" in _ops(after["main"])
+    panels = named[0][1]
+    assert panels.shape == (n_padded // nr, k, nr)
+    flat = np.concatenate(list(panels), axis=1)  # back to [k, n_padded]
+    np.testing.assert_array_equal(flat[:, :n], w)
+    assert not flat[:, n:].any()
+    x = rng.standard_normal((1, k)).astype("float32")
+    ex = tvm.compile(after, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, panels, named[1][1]))).numpy()
+    assert got.shape == (1, n)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w + b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cross
