@@ -473,7 +473,7 @@ def schedule(
         sch.vectorize(sch.get_loops(init)[-1])
 
     if panel_prefetch is not None:
-        c.chunk_prefetch = _next_panel_plans(sch, c, v_source, *panel_prefetch, tile_blocks, nr, params.panel_prefetch)
+        c.chunk_prefetch = _next_panel_plans(sch, c, v_source, *panel_prefetch, tile_blocks, nr, params)
     if chunk is not None and c.prepacked_nr and params.kblock_prefetch_ahead and len(panel) == 1 and rows:
         c.chunk_prefetch = [_chunk_prefetch_plan(sch, c, v_source, fused, reds[0], rows, chunk[1], nr, params)]
         if params.kblock_prefetch_input:
@@ -512,7 +512,8 @@ def _chunk_prefetch_plan(sch, c: Contraction, v_buffer, panel_loop, chunk_loop, 
                          ahead=params.kblock_prefetch_ahead)
 
 
-def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_blocks, nr: int, what: int = 3) -> list:
+def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_blocks, nr: int,
+                      params: CpuParams) -> list:
     """Prefetches, spread over a panel's row tiles, of what the next panel reads and writes, for a GEMM that
     packs each panel of V (the columns `nr` wide) right before its tiles: V's next `K x nr` columns, and the
     next `M x nr` columns of the epilogue's operands shaped like the output (a residual) and of the output.
@@ -520,7 +521,11 @@ def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_
     Why: these are column panels of row-major matrices, K or M rows of 128 bytes each, one stream per row,
     which the hardware prefetchers do not follow; at 2 threads half of them were written by the other core
     in the previous kernel. ResNet-50's 1x1 convs at 56x56 (as GEMMs over 3136 columns) ran 1.2-1.5x
-    onnxruntime's time in sequence, 1.0-1.1x alone."""
+    onnxruntime's time in sequence, 1.0-1.1x alone. Three ResNet bottleneck blocks at 56x56, builds A/B in one
+    process: 0.91x (2 threads) and 0.89x (1 thread) the time without these prefetches; MiniLM and GPT prefill
+    unchanged (0.99-1.00x). A plan that would put more than `params.prefetch_max_lines` prefetches in each row
+    tile is dropped (a long reduction: GPT's K = 3072 gave 384 per tile and its prefill took 4 minutes to
+    compile, 14 s with the cap)."""
     from edgecc.schedules.prefetch import ChunkPrefetch
 
     def _2d(buf):
@@ -533,9 +538,12 @@ def _next_panel_plans(sch, c: Contraction, v_source, panel_loop, row_loop, tile_
 
     def _columns(buf, write=False):
         rows, cols = _2d(buf)
-        plans.append(ChunkPrefetch(buf, sch.get(row_loop).loop_var, panel * nr, rows * nr, step, steps, ahead=1,
-                                   row_elems=nr, row_stride=cols, advance=nr, write=write))
+        plan = ChunkPrefetch(buf, sch.get(row_loop).loop_var, panel * nr, rows * nr, step, steps, ahead=1,
+                             row_elems=nr, row_stride=cols, advance=nr, write=write)
+        if plan.lines_per_step <= params.prefetch_max_lines:
+            plans.append(plan)
 
+    what = params.panel_prefetch
     if what & 1 and c.v_dims == ["k", "v"] and _2d(v_source):
         _columns(v_source)
     out = _2d(c.out_buffer)

@@ -38,7 +38,8 @@ class CpuParams:
     kblock_prefetch_input: bool = True
     # GEMMs that pack V per panel prefetch the next panel's V columns, residual and output lines
     # (`contraction._next_panel_plans`)
-    panel_prefetch: int = 3
+    panel_prefetch: int = 3  # bit 1: V's next columns, bit 2: the epilogue's residual and output lines
+    prefetch_max_lines: int = 64  # ... at most this many prefetches per row tile, else that plan is dropped
 
     @property
     def max_rows(self) -> int:
