@@ -54,6 +54,32 @@ def test_panels_layout():
             assert p[f // 4, c, 1, 0, f % 4] == w[f, c, 1, 0]
 
 
+def _expected_module(x_shape, w_shape, padding, out_shape, subsample=None):
+    """What `pack_conv_weights` should make of `_conv_module`: [strided_slice(x) when `subsample`,] the panel
+    conv (strides 1) on it, then the scale and ReLU."""
+    co, ci, kh, kw = w_shape
+    nr = cpu_params(HOST).nr(32)
+    conv_x_shape = list(x_shape) if subsample is None else [*x_shape[:2], *(-(-d // st) for d, st in
+                                                                          zip(x_shape[2:], subsample))]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
+    wp = relax.Var("w_panels", relax.TensorType([co // nr, ci, kh, kw, nr], F32))
+    s = relax.Var("s", relax.TensorType([co], F32))
+    kernel = bb.add_func(conv2d_panels_primfunc(conv_x_shape, co, kh, kw, nr, [1, 1], padding, [1, 1], F32),
+                         "conv2d_panels")
+    with bb.function("main", [x, wp, s], attrs={"num_input": 1}):
+        with bb.dataflow():
+            src = x
+            if subsample is not None:
+                src = bb.emit(R.strided_slice(x, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]), strides=subsample))
+            y = bb.emit(relax.call_tir(kernel, [src, wp], relax.TensorType(list(out_shape), F32)))
+            y = bb.emit(R.multiply(y, R.reshape(s, [1, co, 1, 1])))
+            y = bb.emit(R.nn.relu(y))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def test_ir_before_after():
     """conv2d(x, w) * s -> relu  ==>  call_tir(conv2d_panels, (x, w_panels)) * s -> relu; w stored as panels."""
     x_shape, w_shape = (1, 8, 9, 7), (64, 8, 3, 3)
@@ -61,23 +87,8 @@ def test_ir_before_after():
     weights = _weights(w_shape)
     new, named, count = pack_conv_weights(mod, weights, HOST)
     assert count == 1
-    nr = cpu_params(HOST).nr(32)
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
-    wp = relax.Var("w_panels", relax.TensorType([64 // nr, 8, 3, 3, nr], F32))
-    s = relax.Var("s", relax.TensorType([64], F32))
-    kernel = bb.add_func(conv2d_panels_primfunc(list(x_shape), 64, 3, 3, nr, [1, 1], [1, 1, 1, 1], [1, 1], F32),
-                         "conv2d_panels")
-    with bb.function("main", [x, wp, s], attrs={"num_input": 1}):
-        with bb.dataflow():
-            y = bb.emit(relax.call_tir(kernel, [x, wp], relax.TensorType([1, 64, 9, 7], F32)))
-            y = bb.emit(R.multiply(y, R.reshape(s, [1, 64, 1, 1])))
-            y = bb.emit(R.nn.relu(y))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(new, bb.get())
-    np.testing.assert_array_equal(named[0][1], pack_conv_panels(weights[0][1], nr))
+    tvm.ir.assert_structural_equal(new, _expected_module(x_shape, w_shape, [1, 1, 1, 1], (1, 64, 9, 7)))
+    np.testing.assert_array_equal(named[0][1], pack_conv_panels(weights[0][1], cpu_params(HOST).nr(32)))
     np.testing.assert_array_equal(named[1][1], weights[1][1])
 
 
@@ -89,23 +100,7 @@ def test_strided_1x1_conv_subsamples_first():
     weights = _weights(w_shape)
     new, named, count = pack_conv_weights(mod, weights, HOST)
     assert count == 1
-    nr = cpu_params(HOST).nr(32)
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(list(x_shape), F32))
-    wp = relax.Var("w_panels", relax.TensorType([64 // nr, 24, 1, 1, nr], F32))
-    s = relax.Var("s", relax.TensorType([64], F32))
-    kernel = bb.add_func(conv2d_panels_primfunc([1, 24, 8, 5], 64, 1, 1, nr, [1, 1], [0, 0, 0, 0], [1, 1], F32),
-                         "conv2d_panels")
-    with bb.function("main", [x, wp, s], attrs={"num_input": 1}):
-        with bb.dataflow():
-            sub = bb.emit(R.strided_slice(x, axes=[2, 3], begin=[0, 0], end=[15, 13], strides=[2, 3]))
-            y = bb.emit(relax.call_tir(kernel, [sub, wp], relax.TensorType([1, 64, 8, 5], F32)))
-            y = bb.emit(R.multiply(y, R.reshape(s, [1, 64, 1, 1])))
-            y = bb.emit(R.nn.relu(y))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(new, bb.get())
+    tvm.ir.assert_structural_equal(new, _expected_module(x_shape, w_shape, [0, 0, 0, 0], (1, 64, 8, 5), [2, 3]))
     xv = np.random.default_rng(6).standard_normal(x_shape).astype(F32)
     got = _build_and_run(new, [xv] + [a for _, a in named])
     ref = _conv_ref64(xv, weights[0][1], (2, 3))
@@ -203,6 +198,33 @@ def test_odd_channel_count_padded_to_whole_panels(x_shape, w_shape, attrs):
     np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
 
 
+def _panel_conv_with(monkeypatch, x_shape, w_shape, attrs, **params):
+    """(packed module, its named weights, the original weights, the scheduled panel conv PrimFunc) with the
+    host's CpuParams fields in `params` replaced."""
+    import dataclasses
+
+    import edgecc.schedules as schedules
+
+    base_params = schedules.cpu_params
+    monkeypatch.setattr(schedules, "cpu_params", lambda spec: dataclasses.replace(base_params(spec), **params))
+    weights = _weights(w_shape)
+    new, named, count = pack_conv_weights(_conv_module(x_shape, w_shape, **attrs), weights, HOST)
+    assert count == 1
+    (conv,) = [f for gv, f in relax_pipeline(HOST)(new).functions_items()
+               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    assert str(conv.attrs["edgecc.schedule"]) == "conv2d"
+    return new, named, weights, conv
+
+
+def _check_float64(new, named, weights, x_shape, attrs, seed):
+    """The packed module's output against the float64 conv, scale and ReLU."""
+    x = np.random.default_rng(seed).standard_normal(x_shape).astype(F32)
+    got = _build_and_run(new, [x] + [a for _, a in named])
+    pad = attrs.get("padding", [0, 0]) * 2
+    ref = _conv_ref64(x, weights[0][1], attrs.get("strides", (1, 1)), pad)
+    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+
+
 def _prefetch_count(func) -> int:
     calls = []
     tvm_ffi.structural_walk(func.body, (tvm.ir.expr.Call, calls.append), order="pre")
@@ -218,27 +240,9 @@ def _prefetch_count(func) -> int:
 def test_k_blocked_panels_prefetch_the_next_chunk(x_shape, w_shape, attrs, ahead, monkeypatch):
     """A K-blocked conv over build-time panels prefetches its next weight chunk (`schedules.prefetch`) unless
     the target's params say 0 chunks ahead; results against float64 either way."""
-    import dataclasses
-
-    import edgecc.schedules as schedules
-
-    base_params = schedules.cpu_params
-    monkeypatch.setattr(schedules, "cpu_params",
-                        lambda spec: dataclasses.replace(base_params(spec), kblock_prefetch_ahead=ahead))
-    mod = _conv_module(x_shape, w_shape, **attrs)
-    weights = _weights(w_shape)
-    new, named, count = pack_conv_weights(mod, weights, HOST)
-    assert count == 1
-    lowered = relax_pipeline(HOST)(new)
-    (conv,) = [f for gv, f in lowered.functions_items()
-               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
-    assert str(conv.attrs["edgecc.schedule"]) == "conv2d"
+    new, named, weights, conv = _panel_conv_with(monkeypatch, x_shape, w_shape, attrs, kblock_prefetch_ahead=ahead)
     assert (_prefetch_count(conv) > 0) == bool(ahead)
-    x = np.random.default_rng(3).standard_normal(x_shape).astype(F32)
-    got = _build_and_run(new, [x] + [a for _, a in named])
-    pad = attrs.get("padding", [0, 0]) * 2
-    ref = _conv_ref64(x, weights[0][1], attrs.get("strides", (1, 1)), pad)
-    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+    _check_float64(new, named, weights, x_shape, attrs, seed=3)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,attrs", [
@@ -250,20 +254,9 @@ def test_k_blocked_panels_prefetch_their_input(x_shape, w_shape, attrs, on, monk
     """A K-blocked conv (batch 1) also prefetches the next chunk of its input channels, only in the first panel
     of each core's share (under an `if`), unless the params turn it off; the weight prefetches stay either
     way. Results against float64."""
-    import dataclasses
-
-    import edgecc.schedules as schedules
     from tests.test_prefetch import _prefetch_calls
 
-    base_params = schedules.cpu_params
-    monkeypatch.setattr(schedules, "cpu_params",
-                        lambda spec: dataclasses.replace(base_params(spec), kblock_prefetch_input=on))
-    mod = _conv_module(x_shape, w_shape, **attrs)
-    weights = _weights(w_shape)
-    new, named, count = pack_conv_weights(mod, weights, HOST)
-    assert count == 1
-    (conv,) = [f for gv, f in relax_pipeline(HOST)(new).functions_items()
-               if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
+    new, named, weights, conv = _panel_conv_with(monkeypatch, x_shape, w_shape, attrs, kblock_prefetch_input=on)
     calls = _prefetch_calls(conv)
     panel_shape = tuple(named[0][1].shape)
     assert {c for c in calls if c[0] == panel_shape} == {(panel_shape, False, False)}  # weights: always
@@ -271,10 +264,7 @@ def test_k_blocked_panels_prefetch_their_input(x_shape, w_shape, attrs, on, monk
     input_shape = (1, x_shape[1], x_shape[2] + 2 * pad[0], x_shape[3] + 2 * pad[1])
     inputs = {c for c in calls if c[0] != panel_shape}
     assert inputs == ({(input_shape, False, True)} if on else set())
-    x = np.random.default_rng(5).standard_normal(x_shape).astype(F32)
-    got = _build_and_run(new, [x] + [a for _, a in named])
-    ref = _conv_ref64(x, weights[0][1], (1, 1), pad * 2)
-    np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
+    _check_float64(new, named, weights, x_shape, attrs, seed=5)
 
 
 @pytest.mark.cross
