@@ -67,7 +67,8 @@ class Contraction:
     s_elems: int = 0
     prepacked_nr: int = 0  # V already in panels at build time: V[.., v // nr, k.., v % nr] (no pack, no pad)
     s_load: object = None  # the S operand's load in the block (its buffer and indices)
-    # set by `schedule`: the `prefetch.ChunkPrefetch` plans to add to the K-blocked nest (weights, input)
+    # set by `schedule`: the `prefetch.ChunkPrefetch` plans to add to the scheduled nest (K-blocked: the next
+    # weight and input chunks; a GEMM packing V per panel: the next panel's V, residual and output lines)
     chunk_prefetch: list = field(default_factory=list)
 
 
@@ -602,9 +603,9 @@ def _input_chunk_plan(sch, c: Contraction, panel_loop, panels: int, chunk_loop, 
     load = c.s_load
     if load is None or not c.red_vars:
         return []
-    shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in load.source.shape]
+    shape = _static_shape(load.source)
     pos = [n for n, idx in enumerate(load.indices) if idx.same_as(c.red_vars[0])]
-    if None in shape or len(pos) != 1 or any(shape[d] != 1 for d in range(pos[0])):
+    if shape is None or len(pos) != 1 or any(shape[d] != 1 for d in range(pos[0])):
         return []
     plane = 1
     for d in shape[pos[0] + 1:]:
