@@ -21,6 +21,7 @@ from edgecc.ir_passes.pipeline import relax_pipeline  # noqa: E402
 from edgecc.schedules.params import cpu_params  # noqa: E402
 from edgecc.targets.registry import get_target  # noqa: E402
 from tests.test_conv1x1_as_matmul import _conv_module, _weights  # noqa: E402  (relu(conv * s), its weights)
+from tests.test_prefetch import _prefetch_calls  # noqa: E402  ([(buffer shape, for writing, under an if)])
 
 R = relax.op
 F32 = "float32"
@@ -225,12 +226,6 @@ def _check_float64(new, named, weights, x_shape, attrs, seed):
     np.testing.assert_allclose(got, np.maximum(ref * weights[1][1].reshape(1, -1, 1, 1), 0), rtol=1e-4, atol=1e-4)
 
 
-def _prefetch_count(func) -> int:
-    calls = []
-    tvm_ffi.structural_walk(func.body, (tvm.ir.expr.Call, calls.append), order="pre")
-    return sum("llvm.prefetch" in str(c) for c in calls)
-
-
 @pytest.mark.parametrize("x_shape,w_shape,attrs", [
     ((1, 37, 7, 5), (288, 37, 3, 3), {"padding": [1, 1]}),  # prime channels: chunks of one channel (9 steps)
     ((1, 300, 7, 7), (256, 300, 1, 1), {}),  # chunks of 100 channels; the last panel's next chunk is past the end
@@ -241,7 +236,7 @@ def test_k_blocked_panels_prefetch_the_next_chunk(x_shape, w_shape, attrs, ahead
     """A K-blocked conv over build-time panels prefetches its next weight chunk (`schedules.prefetch`) unless
     the target's params say 0 chunks ahead; results against float64 either way."""
     new, named, weights, conv = _panel_conv_with(monkeypatch, x_shape, w_shape, attrs, kblock_prefetch_ahead=ahead)
-    assert (_prefetch_count(conv) > 0) == bool(ahead)
+    assert (len(_prefetch_calls(conv)) > 0) == bool(ahead)
     _check_float64(new, named, weights, x_shape, attrs, seed=3)
 
 
@@ -254,8 +249,6 @@ def test_k_blocked_panels_prefetch_their_input(x_shape, w_shape, attrs, on, monk
     """A K-blocked conv (batch 1) also prefetches the next chunk of its input channels, only in the first panel
     of each core's share (under an `if`), unless the params turn it off; the weight prefetches stay either
     way. Results against float64."""
-    from tests.test_prefetch import _prefetch_calls
-
     new, named, weights, conv = _panel_conv_with(monkeypatch, x_shape, w_shape, attrs, kblock_prefetch_input=on)
     calls = _prefetch_calls(conv)
     panel_shape = tuple(named[0][1].shape)
@@ -299,7 +292,7 @@ def test_k_blocked_panels_prefetch_neon_under_qemu(neon_runs, tmp_path):
     assert count == 1
     (conv,) = [f for gv, f in relax_pipeline(neon)(new).functions_items()
                if isinstance(f, tirx.PrimFunc) and "conv2d_panels" in gv.name_hint]
-    assert _prefetch_count(conv) > 0
+    assert len(_prefetch_calls(conv)) > 0
     new["main"] = new["main"].without_attr("num_input")
     x = np.random.default_rng(4).standard_normal(x_shape).astype(F32)
     got = run_on_neon(new, [x] + [a for _, a in named], tmp_path)

@@ -34,6 +34,7 @@ where it put a bounds check on every broadcast: 3x3 convs ran 3-4x slower).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -221,12 +222,8 @@ def analyze(sch: s_tir.Schedule, block, lanes: int) -> Contraction | None:
 
 
 def _elems(buf) -> int:
-    n = 1
-    for d in buf.shape:
-        if not isinstance(d, tirx.IntImm):
-            return 0
-        n *= int(d)
-    return n
+    shape = _static_shape(buf)
+    return math.prod(shape) if shape is not None else 0
 
 
 def _dtype_bits(dtype) -> int:
