@@ -175,6 +175,17 @@ class OrtRunner:
 RUNNERS = {"edgecc": EdgeccRunner, "onnxruntime": OrtRunner, "tvm": TvmRunner}
 
 
+def _answer(runner, feeds, msg):
+    """A worker's reply to 'time' (ms of one call) or 'outputs' (numpy arrays); anything else: 'bye'."""
+    if msg == "time":
+        t0 = time.perf_counter_ns()
+        runner.run(feeds)
+        return (time.perf_counter_ns() - t0) / 1e6
+    if msg == "outputs":
+        return {k: np.asarray(v) for k, v in runner.run(feeds).items()}
+    return "bye"
+
+
 def _worker(kind: str, onnx_path: str, feeds_path: str, workdir: str, options: dict, env: dict, conn) -> None:
     """Worker process main loop: set up, then answer 'time' / 'outputs' / 'stop' requests."""
     os.environ.update(env)  # before any TVM import: TVM reads TVM_NUM_THREADS when its pool starts
@@ -192,14 +203,8 @@ def _worker(kind: str, onnx_path: str, feeds_path: str, workdir: str, options: d
     while True:
         msg = conn.recv()
         try:
-            if msg == "time":
-                t0 = time.perf_counter_ns()
-                runner.run(feeds)
-                conn.send(("ok", (time.perf_counter_ns() - t0) / 1e6))
-            elif msg == "outputs":
-                conn.send(("ok", {k: np.asarray(v) for k, v in runner.run(feeds).items()}))
-            else:
-                conn.send(("ok", "bye"))
+            conn.send(("ok", _answer(runner, feeds, msg)))
+            if msg not in ("time", "outputs"):
                 return
         except Exception as exc:  # noqa: BLE001
             import traceback
@@ -277,13 +282,7 @@ class InProcessWorker:
         return self.info
 
     def call(self, msg):
-        if msg == "time":
-            t0 = time.perf_counter_ns()
-            self.runner.run(self._feeds)
-            return (time.perf_counter_ns() - t0) / 1e6
-        if msg == "outputs":
-            return {k: np.asarray(v) for k, v in self.runner.run(self._feeds).items()}
-        return "bye"
+        return _answer(self.runner, self._feeds, msg)
 
     def stop(self):
         self.runner = None

@@ -604,11 +604,8 @@ def _input_chunk_plan(sch, c: Contraction, panel_loop, panels: int, chunk_loop, 
     pos = [n for n, idx in enumerate(load.indices) if idx.same_as(c.red_vars[0])]
     if shape is None or len(pos) != 1 or any(shape[d] != 1 for d in range(pos[0])):
         return []
-    plane = 1
-    for d in shape[pos[0] + 1:]:
-        plane *= d
     step, steps = _row_steps(sch, row_loops)
-    chunk_elems = k_in * plane
+    chunk_elems = k_in * math.prod(shape[pos[0] + 1:])
     share = -(-panels // max(1, params.num_cores))
     first = tirx.floormod(sch.get(panel_loop).loop_var, share) == 0
     return [ChunkPrefetch(load.source, sch.get(row_loops[-1]).loop_var, sch.get(chunk_loop).loop_var * chunk_elems,
