@@ -93,6 +93,17 @@ def test_broken_or_clashing_plugins_are_user_errors(monkeypatch):
     _patch_plugins(monkeypatch, _FakeEntryPoint("bad", lambda: 42))
     with pytest.raises(EdgeccError, match="not an edgecc TargetSpec"):
         all_targets()
+    assert get_target("host").name == "host"  # built-in targets resolve without the plugins
+    with pytest.raises(EdgeccError, match="not an edgecc TargetSpec"):
+        get_target("acme-a55")
+
+    def fail():
+        raise ModuleNotFoundError("No module named 'acme_npu'")
+
+    _patch_plugins(monkeypatch, _FakeEntryPoint("gone", fail))
+    with pytest.raises(EdgeccError, match="'gone'.*failed to load: No module named 'acme_npu'"):
+        get_target("acme-a55")
+    assert get_target("arm-neon").arch == "aarch64"
     clash = TargetSpec(name="host", description="x", arch="x86_64", tvm_target={"kind": "llvm"})
     _patch_plugins(monkeypatch, _FakeEntryPoint("clash", clash))
     with pytest.raises(EdgeccError, match="already exists"):

@@ -311,7 +311,13 @@ def target_names() -> list[str]:
 
 
 def get_target(name: str) -> TargetSpec:
-    """Look a target up by name; an unknown name is a user error that lists the valid ones."""
+    """Look a target up by name; an unknown name is a user error that lists the valid ones.
+
+    Built-in names resolve without loading the plugins, so a broken vendor package (a stale editable
+    install, a missing module) stops only the builds that ask for a plugin target, with its own error."""
+    for spec in (_host_spec(), *_BUILTIN):
+        if spec.name == name:
+            return spec
     for spec in all_targets():
         if spec.name == name:
             return spec
