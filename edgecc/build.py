@@ -147,9 +147,29 @@ def target_manifest(spec: TargetSpec, tvm_target) -> dict:
     }
 
 
+def compile_executable(lowered, spec: TargetSpec, tvm_target, **kwargs):
+    """`relax.build` of a lowered module, with edgecc's TIR pipeline for CPU targets (parallel loops steal work:
+    `ir_passes/work_stealing.py`); `_export_library` links the helper those kernels call."""
+    from tvm import relax
+
+    from edgecc.ir_passes.work_stealing import tir_pipeline
+
+    return relax.build(lowered, tvm_target, relax_pipeline=None, tir_pipeline=tir_pipeline(spec), **kwargs)
+
+
+def cpu_addons(spec: TargetSpec) -> list[str]:
+    """Objects every CPU artifact links: the work-stealing helper (`runtime_bridge/parallel_runtime.py`)."""
+    if spec.device != "cpu":
+        return []
+    from edgecc.runtime_bridge.parallel_runtime import parallel_object
+
+    return [str(parallel_object(spec))]
+
+
 def _export_library(executable, path: Path, spec: TargetSpec) -> None:
     import tvm
 
+    addons = cpu_addons(spec)
     if spec.cross_compiler:
         cross = tvm.support.cc.cross_compiler(spec.cross_compiler)
 
@@ -160,9 +180,9 @@ def _export_library(executable, path: Path, spec: TargetSpec) -> None:
             return cross(outputs, objects, options)
 
         fcompile.output_format = getattr(cross, "output_format", "so")
-        executable.export_library(str(path), fcompile=fcompile)
+        executable.export_library(str(path), fcompile=fcompile, addons=addons)
     else:
-        executable.export_library(str(path))
+        executable.export_library(str(path), addons=addons)
 
 
 def build_artifact(
@@ -241,9 +261,7 @@ def build_artifact(
         tuned = (count_tuned_functions(lowered), count_default_faster(lowered))
 
     with stage("codegen"):
-        from tvm import relax
-
-        executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+        executable = compile_executable(lowered, spec, tvm_target)
 
     with art.atomic_directory(out_dir, force=force) as tmp:
         with stage("link"):

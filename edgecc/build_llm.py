@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecc.build import (BuildResult, Progress, _export_library, _versions, check_build_request,
-                          lift_weight_transforms, stage_timer, target_manifest)
+                          compile_executable, lift_weight_transforms, stage_timer, target_manifest)
 from edgecc.errors import EdgeccError
 from edgecc.runtime_bridge import artifact as art
 from edgecc.runtime_bridge.params_file import write_params
@@ -234,7 +234,7 @@ def build_llm_artifact(
         report = schedule_report(lowered)
 
     with stage("codegen"):
-        executable = relax.build(lowered, tvm_target, relax_pipeline=None)
+        executable = compile_executable(lowered, spec, tvm_target)
 
     tok_dir = Path(tokenizer) if tokenizer else decode_path.parent
     tok_files = [f for f in TOKENIZER_FILES if (tok_dir / f).exists()]

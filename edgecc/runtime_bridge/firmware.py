@@ -402,14 +402,14 @@ edgecc_linked_params_end:
 
 def _static_library(tmp: Path, lowered, tvm_target, spec: TargetSpec, manifest: dict, embed_params: bool,
                     memory: dict, say: Say) -> None:
-    from tvm import relax
+    from edgecc.build import compile_executable, cpu_addons
 
     cxx, ld, ar = _tool(spec, "g++"), _tool(spec, "ld"), _tool(spec, "ar")
     api = api_object(spec)
     with tempfile.TemporaryDirectory(prefix="edgecc-static-") as work_name:
         work = Path(work_name)
         say("system library")
-        ex = relax.build(lowered, tvm_target, relax_pipeline=None, system_lib=True)
+        ex = compile_executable(lowered, spec, tvm_target, system_lib=True)
         ex.export_library(str(work / "model.tar"))
         objects = []
         with tarfile.open(work / "model.tar") as tar:
@@ -428,6 +428,9 @@ def _static_library(tmp: Path, lowered, tvm_target, spec: TargetSpec, manifest: 
             params_note=" and params.bin" if embed_params else "", params=_PARAMS_ASM if embed_params else ""))
         _run([cxx, "-c", "data.S", "-o", "data.o"], "assembling the linked metadata", cwd=work)
         shutil.copy(api, work / "capi.o")
+        for i, addon in enumerate(cpu_addons(spec)):  # the work-stealing helper the kernels call
+            shutil.copy(addon, work / f"addon_{i}.o")
+            objects.append(f"addon_{i}.o")
         # One relocatable object: any reference to edgecc_model_* pulls in the kernels, whose static
         # constructors register them in the system library (an archive would otherwise drop them).
         _run([ld, "-r", "-o", "edgecc_model.o", "capi.o", "data.o", *objects], "linking the model object", cwd=work)
