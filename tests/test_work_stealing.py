@@ -65,6 +65,26 @@ def test_a_share_runs_front_first_then_steals_from_the_back_of_the_share_behind(
     assert _claims(helper, ranges, 0, 3, 1) == []
 
 
+def test_claims_shrink_as_a_share_runs_out(helper):
+    """The owner takes a quarter of what its share has left (few claims on kernels of many tiny iterations), a
+    thief half of what the victim has left (a slow owner is relieved in a few steps)."""
+    ranges = (ctypes.c_int64 * 2)()
+    helper.edgecc_parallel_init(ranges, 2, 64)  # [0, 32) and [32, 64)
+    slot = (ctypes.c_int32 * 2)()
+    assert helper.edgecc_parallel_claim(ranges, slot, 0, 2, 1) and (slot[0], slot[1]) == (0, 8)
+    assert helper.edgecc_parallel_claim(ranges, slot, 0, 2, 1) and (slot[0], slot[1]) == (8, 6)
+    assert _claims(helper, ranges, 1, 2, 1)[:2] == [(32, 8), (40, 6)]
+    rest = _claims(helper, ranges, 1, 2, 1)
+    assert rest == [] and all(c == 1 for _, c in _claims(helper, ranges, 0, 2, 1))  # share 1 stole share 0's rest
+    ranges = (ctypes.c_int64 * 2)()
+    helper.edgecc_parallel_init(ranges, 2, 64)
+    helper.edgecc_parallel_claim(ranges, slot, 1, 2, 1)  # share 1 takes [32, 40)
+    while slot[0] + slot[1] < 64:  # and runs its share out, from the front
+        assert helper.edgecc_parallel_claim(ranges, slot, 1, 2, 1) and slot[0] >= 32
+    assert helper.edgecc_parallel_claim(ranges, slot, 1, 2, 1)
+    assert (slot[0], slot[1]) == (16, 16)  # its first steal: the back half of share 0 (none of it claimed yet)
+
+
 @T.prim_func
 def _scale_rows(a: T.Buffer((37, 8), "float32"), b: T.Buffer((37, 8), "float32")):
     for i in T.parallel(37):

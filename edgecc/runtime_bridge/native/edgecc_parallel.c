@@ -36,7 +36,11 @@ int32_t edgecc_parallel_claim(int64_t* ranges, int32_t* slot, int32_t w, int32_t
     for (;;) {
       int32_t front = (int32_t)(uint32_t)v, back = (int32_t)(v >> 32);
       if (front >= back) break;
-      int32_t size = back - front < chunk ? back - front : chunk;
+      /* own share: a quarter of what is left (few claims on kernels of many small iterations); stolen: half
+         of what the owner has left, as classic work stealing does (so a slow owner is relieved in a few steps) */
+      int32_t size = (back - front) / (k == 0 ? 4 : 2);
+      if (size < chunk) size = chunk;
+      if (size > back - front) size = back - front;
       int64_t next = k == 0 ? edgecc_pack(front + size, back) : edgecc_pack(front, back - size);
       if (__atomic_compare_exchange_n(&ranges[j], &v, next, 1, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
         slot[0] = k == 0 ? front : back - size;
