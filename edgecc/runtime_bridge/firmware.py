@@ -55,7 +55,7 @@ Say = Callable[[str], None]
 # ------------------------------------------------------------------------------------------- toolchain
 
 
-def _tool(spec: TargetSpec, name: str) -> str:
+def _tool(spec: TargetSpec, name: str, purpose: str = "build the firmware library") -> str:
     """`g++`, `ar`, `ld` for the target (prefix of the cross compiler, or the host's)."""
     if spec.cross_compiler:
         prefix = spec.cross_compiler[: -len("g++")] if spec.cross_compiler.endswith("g++") else ""
@@ -63,7 +63,7 @@ def _tool(spec: TargetSpec, name: str) -> str:
     else:
         tool = name
     if shutil.which(tool) is None:
-        raise EdgeccError(f"'{tool}' is not installed (needed to build the firmware library for '{spec.name}')",
+        raise EdgeccError(f"'{tool}' is not installed (needed to {purpose} for '{spec.name}')",
                           "apt-get install -y " + " ".join(spec.debian_packages) if spec.debian_packages
                           else "install binutils and g++")
     return tool

@@ -2,7 +2,7 @@
 
 Every CPU artifact's kernels call it (`edgecc/ir_passes/work_stealing.py`), so `model.so` and the firmware's
 static library link this object. It is compiled with the target's C compiler (the cross compiler for arm /
-riscv targets, gcc here), from a fixed relative file name so the object holds no temp path (artifacts are
+riscv targets, g++ here, compiling C), from a fixed relative file name so the object holds no temp path (artifacts are
 byte-identical from build to build), and cached by source, compiler and flags.
 """
 
@@ -25,20 +25,13 @@ CFLAGS = ("-x", "c", "-std=c11", "-O2", "-fPIC")
 ARCH_CFLAGS = {"aarch64": ("-mno-outline-atomics",)}
 
 
-def _compiler(spec: TargetSpec) -> str:
-    name = spec.cross_compiler or "gcc"
-    if shutil.which(name) is None:
-        raise EdgeccError(f"'{name}' is not installed (it compiles the kernels' thread helper for '{spec.name}')",
-                          "apt-get install -y " + " ".join(spec.debian_packages) if spec.debian_packages
-                          else "install gcc")
-    return name
-
-
 def parallel_object(spec: TargetSpec) -> Path:
     """The helper's object file for `spec`'s architecture (compiled once, then cached)."""
     from edgecc.runtime_bridge.cross_runtime import cache_root
 
-    cc = _compiler(spec)
+    from edgecc.runtime_bridge.firmware import _tool
+
+    cc = _tool(spec, "g++", "compile the kernels' thread helper")  # with -x c: the helper is plain C
     flags = (*CFLAGS, *ARCH_CFLAGS.get(spec.arch, ()))
     key = hashlib.sha256(SOURCE.read_bytes())
     key.update(" ".join((cc, *flags)).encode())
