@@ -157,3 +157,14 @@ def test_compiled_kernel_matches_numpy(tmp_path, threads):
     run = subprocess.run([sys.executable, "-c", _RUN_KERNEL, str(path), str(threads)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_which_targets_steal(monkeypatch):
+    from edgecc.ir_passes.work_stealing import tir_pipeline
+
+    assert tir_pipeline(get_target("host")) == PIPELINE
+    assert tir_pipeline(get_target("arm-neon")) == PIPELINE
+    assert tir_pipeline(get_target("riscv64-rvv")) == "default"  # qemu-riscv64 aborts on it (see STATIC_ARCHS)
+    assert tir_pipeline(get_target("cuda")) == "default"
+    monkeypatch.setenv("EDGECC_WORK_STEALING", "0")
+    assert tir_pipeline(get_target("host")) == "default"
