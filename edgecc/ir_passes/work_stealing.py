@@ -15,9 +15,9 @@ The pass rewrites each outermost parallel loop into
             for i in range(begin(slot), begin(slot) + count(slot)):
                 <the loop body>
 
-A thread works through its own share from the front (so it still reads what it wrote in the previous
-kernel: partitions line up from kernel to kernel, which matters at 2 threads) and, when done, takes chunks
-from the back of another share. The claim functions are plain C (`runtime_bridge/native/edgecc_parallel.c`,
+A thread works through its own share from the front, a quarter of what is left at a time (so it still reads
+what it wrote in the previous kernel: partitions line up from kernel to kernel, which matters at 2 threads)
+and, when done, takes half of what another share has left, from its back. The claim functions are plain C (`runtime_bridge/native/edgecc_parallel.c`,
 a compare-and-swap on a packed [front, back) pair: TVM's LLVM backend has no CPU atomics), compiled for the
 target and linked into the artifact (`runtime_bridge/parallel_runtime.py`).
 
@@ -36,8 +36,7 @@ from tvm import tirx
 
 PIPELINE = "edgecc-work-stealing"
 MAX_SHARES = 64  # ranges live on the caller's stack: one int64 per share
-CHUNK = 1  # iterations per claim (outer parallel loops have tens to thousands of iterations)
-_HELPERS = ("edgecc_parallel_init", "edgecc_parallel_claim", "edgecc_parallel_begin", "edgecc_parallel_count")
+CHUNK = 1  # the smallest claim, in iterations (a claim takes a quarter of the share's rest, a steal half)
 
 
 def enabled() -> bool:

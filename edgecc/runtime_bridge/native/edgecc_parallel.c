@@ -3,8 +3,8 @@
  * TVM splits a parallel loop statically: thread t of T runs iterations [t*S, (t+1)*S), S = ceil(n/T). On a
  * shared machine, or on a phone's big.LITTLE cores, one thread is often slower than the other, and the kernel
  * waits for it. Here each thread still starts on exactly that static share (so it reads what it wrote in the
- * previous kernel), claims it from the front one chunk at a time, and when its share is done it takes chunks
- * from the *back* of another thread's share, the end that thread reaches last.
+ * previous kernel), claims it from the front a quarter of the rest at a time, and when its share is done it
+ * takes half of what another thread's share has left from its *back*, the end that thread reaches last.
  *
  * ranges[w] packs one share, [front, back): front in the low 32 bits, back in the high 32 bits, so a single
  * compare-and-swap moves either end. Memory order: the kernel's writes are published by the runtime's join
@@ -27,8 +27,8 @@ int32_t edgecc_parallel_init(int64_t* ranges, int32_t shares, int32_t n) {
   return 0;
 }
 
-/* The next `chunk` (or fewer) iterations for share w: from the front of its own range, else from the back of
- * the others', the share behind w first. Writes slot[0] = first iteration, slot[1] = count; 0 when none is left. */
+/* The next iterations for share w (at least `chunk`, unless fewer are left): from the front of its own range,
+ * else from the back of the others', the share behind w first. Writes slot[0] = first iteration, slot[1] = count; 0 when none is left. */
 int32_t edgecc_parallel_claim(int64_t* ranges, int32_t* slot, int32_t w, int32_t shares, int32_t chunk) {
   for (int32_t k = 0; k < shares; k++) {
     int32_t j = (w - k + shares) % shares;
