@@ -17,9 +17,10 @@ The pass rewrites each outermost parallel loop into
 
 A thread works through its own share from the front, a quarter of what is left at a time (so it still reads
 what it wrote in the previous kernel: partitions line up from kernel to kernel, which matters at 2 threads)
-and, when done, takes half of what another share has left, from its back. The claim functions are plain C (`runtime_bridge/native/edgecc_parallel.c`,
-a compare-and-swap on a packed [front, back) pair: TVM's LLVM backend has no CPU atomics), compiled for the
-target and linked into the artifact (`runtime_bridge/parallel_runtime.py`).
+and, when done, takes half of what another share has left, from its back. The claim functions are plain C
+(`runtime_bridge/native/edgecc_parallel.c`, a compare-and-swap on a packed [front, back) pair: TVM's LLVM
+backend has no CPU atomics), compiled for the target and linked into the artifact
+(`runtime_bridge/parallel_runtime.py`).
 
 It runs after TVM's own lowering pipeline (loops are final: vectorized, unrolled, packed-API'd) and before
 the host finalization that lowers `tvm_stack_alloca` and `call_packed`. Only builds that link the helper use

@@ -1,9 +1,9 @@
 """The work-stealing helper (`native/edgecc_parallel.c`) compiled for a target, for linking into artifacts.
 
 Every CPU artifact's kernels call it (`edgecc/ir_passes/work_stealing.py`), so `model.so` and the firmware's
-static library link this object. It is compiled with the target's C compiler (the cross compiler for arm /
-riscv targets, g++ here, compiling C), from a fixed relative file name so the object holds no temp path (artifacts are
-byte-identical from build to build), and cached by source, compiler and flags.
+static library link this object. It is compiled as C by the target's g++ (the cross compiler for arm / riscv
+targets), from a fixed relative file name so the object holds no temp path (artifacts are byte-identical from
+build to build), and cached by source, compiler and flags.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ ARCH_CFLAGS = {"aarch64": ("-mno-outline-atomics",)}
 def parallel_object(spec: TargetSpec) -> Path:
     """The helper's object file for `spec`'s architecture (compiled once, then cached)."""
     from edgecc.runtime_bridge.cross_runtime import cache_root
-
     from edgecc.runtime_bridge.firmware import _tool
 
     cc = _tool(spec, "g++", "compile the kernels' thread helper")  # with -x c: the helper is plain C

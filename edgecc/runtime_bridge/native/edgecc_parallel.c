@@ -28,7 +28,8 @@ int32_t edgecc_parallel_init(int64_t* ranges, int32_t shares, int32_t n) {
 }
 
 /* The next iterations for share w (at least `chunk`, unless fewer are left): from the front of its own range,
- * else from the back of the others', the share behind w first. Writes slot[0] = first iteration, slot[1] = count; 0 when none is left. */
+ * else from the back of the others', the share behind w first. Writes slot[0] = first iteration and
+ * slot[1] = count; returns 0 when none is left. */
 int32_t edgecc_parallel_claim(int64_t* ranges, int32_t* slot, int32_t w, int32_t shares, int32_t chunk) {
   for (int32_t k = 0; k < shares; k++) {
     int32_t j = (w - k + shares) % shares;
